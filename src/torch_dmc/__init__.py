@@ -1,0 +1,1 @@
+"""torch-dmc: Distribution Mismatch Correction for PyTorch classifiers."""
