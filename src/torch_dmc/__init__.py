@@ -1,1 +1,28 @@
-"""torch-dmc: Distribution Mismatch Correction for PyTorch classifiers."""
+"""torch-dmc: Distribution Mismatch Correction for trained PyTorch classifiers.
+
+Every chosen layer's activations are mapped, channel by channel, onto the distribution that layer had
+on training data, by the monotone map that minimises the 1-D Wasserstein distance (quantile
+matching). No retraining, no labels.
+
+    >>> import torch_dmc as dmc
+    >>> stats = dmc.fit(model, train_loader)                          # doctest: +SKIP
+    >>> corrected = dmc.DMC(model, stats)                             # doctest: +SKIP
+    >>> model = corrected.remove()                                    # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from .dmc import DMC, MODES, corrected, fit, format_shift_report, shift_report  # noqa: E402
+from .stats_io import ReferenceStats, StatsMismatchError  # noqa: E402
+
+__all__ = [
+    "DMC",
+    "MODES",
+    "ReferenceStats",
+    "StatsMismatchError",
+    "corrected",
+    "fit",
+    "format_shift_report",
+    "shift_report",
+    "__version__",
+]
