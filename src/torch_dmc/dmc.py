@@ -20,8 +20,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import __version__
-from .sites import (SiteSpec, register_output_hooks, resolve_channel_axes, select_sites,
-                    site_fingerprint)
+from .sites import (
+    SiteSpec,
+    register_output_hooks,
+    resolve_channel_axes,
+    select_sites,
+    site_fingerprint,
+)
 from .sketch import QuantileSketch
 from .stats_io import ReferenceStats
 from .transport import grid_knots, transport_exact, transport_grid, wasserstein1

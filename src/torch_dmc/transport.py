@@ -27,6 +27,7 @@ __all__ = [
     "midrank_levels",
     "interp_quantiles",
     "transport_exact",
+    "knot_ranks",
     "Knots",
     "grid_knots",
     "transport_grid",
@@ -147,6 +148,21 @@ def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
     return torch.empty_like(y_sorted).scatter_(1, order, y_sorted).to(x.dtype)
 
 
+def knot_ranks(n: int, knots: int) -> Tensor:
+    """0-based ranks of the knots among ``n`` sorted values: ``knots`` evenly spaced ranks, the
+    first and last included, plus geometrically spaced ranks ``1, 2, 4, …`` from each end inside
+    the first and last gap, where extreme values would otherwise be interpolated over a long gap.
+
+    Returns:
+        Sorted unique int64 ranks (at most ``knots + 2·log2(n / knots)`` of them).
+    """
+    even = torch.linspace(0, n - 1, knots).round().long()
+    gap = int(even[1]) if knots > 1 and n > 1 else 0
+    steps = [1 << j for j in range(max(gap, 1).bit_length()) if (1 << j) < gap]
+    tails = torch.tensor(steps + [n - 1 - s for s in steps], dtype=torch.long)
+    return torch.unique(torch.cat([even, tails]).clamp_(0, n - 1))
+
+
 class Knots(NamedTuple):
     """A test distribution summarised at ``K'`` knots per channel (all fields ``C×K'``).
 
@@ -165,7 +181,7 @@ def grid_knots(x: Tensor, knots: int, sample: int | None = None,
                generator: torch.Generator | None = None) -> Knots:
     """Summarise each channel's distribution at ``knots`` order statistics (grid mode's first step).
 
-    The knots sit at evenly spaced ranks, the first and the last included, of all ``N`` values, or
+    The knots sit at the ranks of `knot_ranks` (evenly spaced, denser at both ends) of all ``N`` values, or
     of ``sample`` positions drawn uniformly with replacement (shared by all channels) when
     ``sample < N``; sampling adds a rank error of order ``1/sqrt(sample)``. Tie runs are measured in
     the full sorted (sub)sample, so atoms get their exact average rank.
@@ -189,7 +205,7 @@ def grid_knots(x: Tensor, knots: int, sample: int | None = None,
         n = sample
     sorted_x = x.sort(dim=1).values
     first, last = tie_run_bounds(sorted_x)
-    ranks = torch.linspace(0, n - 1, knots, device=x.device).round().long()
+    ranks = knot_ranks(n, knots).to(x.device)
     dtype = x.dtype if x.is_floating_point() else torch.float32
     lower = (first.index_select(1, ranks).to(dtype) + 0.5) / n
     upper = (last.index_select(1, ranks).to(dtype) + 0.5) / n
@@ -199,10 +215,11 @@ def grid_knots(x: Tensor, knots: int, sample: int | None = None,
 def transport_grid(x: Tensor, q_ref: Tensor, knots: Knots) -> Tensor:
     """Grid DMC transport: ``T(x) = Q_ref(F̂(x))``, ``F̂`` piecewise linear through the knots.
 
-    A value equal to a knot gets the knot's average-rank level (so atoms agree with
-    `transport_exact` and equal inputs give equal outputs). Between two neighbouring distinct knots
-    the map is linear in ``x``, from the left knot's upper level to the right knot's lower level.
-    Values below the first or above the last knot map to the first or last knot's image.
+    ``F̂(x)`` is the level: a value equal to a knot gets the knot's average-rank level (so atoms
+    agree with `transport_exact` and equal inputs give equal outputs); between two neighbouring
+    distinct knots it rises linearly in ``x`` from the left knot's upper level to the right knot's
+    lower level; below the first or above the last knot it is that knot's level. ``Q_ref`` is then
+    interpolated between its stored levels, as in `transport_exact`.
     Cost ``O(N log K')`` per channel.
 
     Args:
@@ -216,10 +233,6 @@ def transport_grid(x: Tensor, q_ref: Tensor, knots: Knots) -> Tensor:
     _check_matrix(x)
     kv = knots.values.to(x.dtype).contiguous()
     kk = kv.shape[1]
-    at_knot = interp_quantiles(q_ref, (knots.lower + knots.upper) / 2).to(x.dtype)
-    left_end = interp_quantiles(q_ref, knots.upper).to(x.dtype)  # image leaving a knot upwards
-    right_end = interp_quantiles(q_ref, knots.lower).to(x.dtype)  # image reaching a knot
-
     x = x.contiguous()
     hi = torch.searchsorted(kv, x, right=True)  # first knot > x
     lo = (hi - 1).clamp_(0, kk - 1)  # last knot <= x (the first knot when x is below all)
@@ -227,8 +240,11 @@ def transport_grid(x: Tensor, q_ref: Tensor, knots: Knots) -> Tensor:
     x_lo = kv.gather(1, lo)
     span = kv.gather(1, hi) - x_lo
     frac = torch.where(span > 0, (x - x_lo) / span.clamp_min(torch.finfo(x.dtype).tiny), 0)
-    y = torch.lerp(left_end.gather(1, lo), right_end.gather(1, hi), frac.clamp_(0, 1))
-    return torch.where(x == x_lo, at_knot.gather(1, lo), y)
+    upper = knots.upper.to(x.dtype)
+    u = torch.lerp(upper.gather(1, lo), knots.lower.to(x.dtype).gather(1, hi), frac.clamp_(0, 1))
+    mid = (knots.lower.to(x.dtype) + upper) / 2
+    u = torch.where(x == x_lo, mid.gather(1, lo), u)  # on a knot (an atom): its average rank
+    return interp_quantiles(q_ref, u).to(x.dtype)
 
 
 def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:

@@ -1,0 +1,86 @@
+"""Test-time methods under one interface: source, bn, bn-prior, bn-ema, tent and dmc.
+
+Every method is an ``nn.Module`` built around a private deep copy of the caller's model (made once;
+the caller's model is never modified). ``forward(x)`` adapts (if the method adapts) and returns the
+logits for ``x``; ``reset()`` restores the initial state; ``name``, ``definition`` and ``options()``
+describe the method exactly.
+
+Example:
+    >>> from torch_dmc import methods                       # doctest: +SKIP
+    >>> method = methods.build("bn-prior", model, prior=16)  # doctest: +SKIP
+    >>> logits = method(x)                                  # doctest: +SKIP
+    >>> method.reset()                                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Method
+from .dmc import DMCMethod
+from .norm import (
+    BN,
+    BNEMA,
+    BatchStatistics,
+    BNPrior,
+    EMAStatistics,
+    PriorStatistics,
+    batch_moments,
+    configure_bn,
+)
+from .source import Source
+from .tent import Tent
+
+#: Method name → class.
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (Source, BN, BNPrior, BNEMA, Tent, DMCMethod)
+}
+
+
+def available() -> list[str]:
+    """The names ``build()`` accepts."""
+    return list(METHODS)
+
+
+def build(name: str, model: nn.Module, stats=None, **options) -> Method:
+    """Build the method ``name`` around a private copy of ``model``.
+
+    Args:
+        name: one of :func:`available`.
+        model: the trained classifier; it is deep-copied once and never modified.
+        stats: reference statistics (``torch_dmc.ReferenceStats``), required by methods with
+            ``needs_stats`` (``dmc``) and ignored by the others.
+        **options: the method's options (see each class); unknown names raise ``ValueError``.
+
+    Returns:
+        The method, ready to call on test batches.
+
+    Raises:
+        ValueError: unknown method name, unknown option, invalid option value, or missing stats.
+    """
+    cls = METHODS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
+    cls.check_options(options)
+    if cls.needs_stats:
+        return cls(model, stats, **options)
+    return cls(model, **options)
+
+
+__all__ = [
+    "BN",
+    "BNEMA",
+    "METHODS",
+    "BNPrior",
+    "BatchStatistics",
+    "DMCMethod",
+    "EMAStatistics",
+    "Method",
+    "PriorStatistics",
+    "Source",
+    "Tent",
+    "available",
+    "batch_moments",
+    "build",
+    "configure_bn",
+]

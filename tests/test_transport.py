@@ -1,0 +1,217 @@
+"""The transport math against brute force and by its properties."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import rankdata, wasserstein_distance
+
+from torch_dmc.transport import (
+    grid_knots,
+    interp_quantiles,
+    midranks,
+    tie_run_bounds,
+    transport_exact,
+    transport_grid,
+    wasserstein1,
+)
+
+
+def brute_force_transport(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Direct sort-and-assign: rank by sorting, level (r - 1/2)/N, interpolate the table."""
+    out = np.empty_like(x, dtype=np.float64)
+    levels = np.linspace(0, 1, q.shape[1])
+    for c in range(x.shape[0]):
+        order = np.argsort(x[c], kind="stable")
+        u = (np.arange(1, x.shape[1] + 1) - 0.5) / x.shape[1]
+        out[c, order] = np.interp(u, levels, q[c])
+    return out
+
+
+def normal_table(channels: int, k: int = 257) -> torch.Tensor:
+    """Quantile tables of N(c, 1+c) clipped to [-4σ, 4σ], one per channel."""
+    t = torch.linspace(1e-4, 1 - 1e-4, k, dtype=torch.float64)
+    z = torch.special.ndtri(t)
+    c = torch.arange(channels, dtype=torch.float64).unsqueeze(1)
+    return (c + (1 + c) * z).float()
+
+
+values = st.lists(st.floats(-1e3, 1e3, allow_nan=False, width=32), min_size=1, max_size=60)
+
+
+def test_exact_equals_brute_force_without_ties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 997, generator=g, dtype=torch.float64)
+    q = normal_table(5).double()
+    expected = brute_force_transport(x.numpy(), q.numpy())
+    np.testing.assert_allclose(transport_exact(x, q).numpy(), expected, rtol=0, atol=1e-10)
+
+
+@given(values)
+def test_midranks_match_scipy_average_ranks(vals):
+    x = torch.tensor([vals])
+    np.testing.assert_allclose(midranks(x)[0].numpy(), rankdata(vals, method="average"))
+
+
+@given(values)
+def test_tie_run_bounds_bracket_equal_values(vals):
+    s = torch.tensor([sorted(vals)])
+    first, last = tie_run_bounds(s)
+    for i, v in enumerate(s[0].tolist()):
+        run = [j for j, w in enumerate(s[0].tolist()) if w == v]
+        assert (first[0, i], last[0, i]) == (run[0], run[-1])
+
+
+@settings(deadline=None)
+@given(values)
+def test_exact_is_monotone_and_ties_give_equal_outputs(vals):
+    x = torch.tensor([vals])
+    y = transport_exact(x, normal_table(1))[0]
+    order = torch.argsort(x[0])
+    assert torch.all(y[order][1:] >= y[order][:-1])
+    for i in range(len(vals)):
+        for j in range(len(vals)):
+            if vals[i] == vals[j]:
+                assert y[i] == y[j]
+
+
+@settings(deadline=None)
+@given(values, st.floats(0.01, 100), st.floats(-100, 100))
+def test_exact_is_invariant_to_increasing_affine_maps(vals, scale, shift):
+    x = torch.tensor([vals], dtype=torch.float64)
+    q = normal_table(1).double()
+    y = transport_exact(x, q)
+    y_affine = transport_exact(x * scale + shift, q)
+    # an affine map can merge values that rounding makes equal; otherwise outputs are identical
+    if len(set((x * scale + shift)[0].tolist())) == len(set(vals)):
+        torch.testing.assert_close(y_affine, y, rtol=0, atol=1e-12)
+
+
+def test_exact_is_identity_when_batch_follows_reference():
+    k = 4097
+    q = normal_table(3, k).double()
+    n = 2000
+    u = ((torch.arange(n, dtype=torch.float64) + 0.5) / n).expand(3, -1)
+    x = interp_quantiles(q, u)[:, torch.randperm(n)]  # values at exactly the reference's levels
+    torch.testing.assert_close(transport_exact(x, q), x, rtol=0, atol=1e-12)
+    # an i.i.d. sample of the reference is moved by no more than its sampling noise
+    g = torch.Generator().manual_seed(1)
+    sample = interp_quantiles(q, torch.rand(3, 20000, generator=g, dtype=torch.float64))
+    moved = (transport_exact(sample, q) - sample).abs().mean(dim=1)
+    assert torch.all(moved < 0.02 * (1 + torch.arange(3)))
+
+
+def test_atoms_get_average_rank_level():
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0, 2.0, 2.0]])
+    q = torch.linspace(0, 1, 7).unsqueeze(0)  # Q(u) = u
+    y = transport_exact(x, q)
+    # ranks 2, 2, 2, 4, 5.5, 5.5 -> levels (r - 1/2)/6
+    torch.testing.assert_close(y, torch.tensor([[1.5, 1.5, 1.5, 3.5, 5.0, 5.0]]) / 6)
+
+
+def test_interp_quantiles_hits_stored_levels_and_clamps():
+    q = torch.tensor([[0.0, 1.0, 4.0]])
+    u = torch.tensor([[-1.0, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0]])
+    torch.testing.assert_close(interp_quantiles(q, u), torch.tensor([[0, 0, 0.5, 1, 2.5, 4, 4.0]]))
+
+
+def test_wasserstein1_matches_scipy():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3000, generator=g, dtype=torch.float64) * 2 + 1
+    k = 8193
+    q = normal_table(2, k).double()
+    ref_samples = interp_quantiles(q, ((torch.arange(20000) + 0.5) / 20000).expand(2, -1).double())
+    for c in range(2):
+        expected = wasserstein_distance(x[c].numpy(), ref_samples[c].numpy())
+        assert abs(float(wasserstein1(x, q)[c]) - expected) < 2e-3
+
+
+def test_exact_minimises_w1_among_monotone_maps():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(1, 1000, generator=g, dtype=torch.float64) ** 3
+    q = normal_table(1, 2049).double()
+    w_exact = wasserstein1(transport_exact(x, q), q)
+    w_affine = wasserstein1((x - x.mean()) / x.std(), q)  # what mean/variance matching achieves
+    assert w_exact < 0.01 and w_exact < 0.2 * w_affine
+
+
+# ----- grid mode -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("atoms", [False, True])
+def test_grid_agrees_with_exact(atoms):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, 50_000, generator=g)
+    if atoms:  # ReLU zeros, padding constants, a repeated background value
+        x[:, :20_000] = 0.0
+        x[:, 20_000:25_000] = 1.5
+    q = normal_table(8, 1025)
+    exact = transport_exact(x, q)
+    grid = transport_grid(x, q, grid_knots(x, 256))
+    scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
+    assert float(((grid - exact).abs() / scale).max()) < 0.02
+    assert float(((grid - exact).abs() / scale).mean()) < 1e-3
+    if atoms:  # atoms are exact: equal inputs equal outputs, at the average-rank level
+        for v in (0.0, 1.5):
+            mask = x == v
+            torch.testing.assert_close(grid[mask], exact[mask], rtol=0, atol=1e-5)
+
+
+def test_grid_from_subsample_stays_close():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 100_000, generator=g)
+    x[:, :30_000] = 0.0
+    q = normal_table(4, 1025)
+    exact = transport_exact(x, q)
+    grid = transport_grid(x, q, grid_knots(x, 256, sample=16384, generator=g))
+    scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
+    assert float(((grid - exact).abs() / scale).mean()) < 3e-3
+
+
+def test_grid_knot_search_edge_cases():
+    q = torch.linspace(0, 1, 5).unsqueeze(0)  # Q(u) = u
+    knots = grid_knots(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 4)
+    # below the first and above the last knot: the end knots' images
+    y = transport_grid(torch.tensor([[-10.0, 10.0]]), q, knots)
+    torch.testing.assert_close(y, torch.tensor([[0.125, 0.875]]))
+    # between knots: linear; on a knot: its level
+    y = transport_grid(torch.tensor([[1.0, 1.5, 4.0]]), q, knots)
+    torch.testing.assert_close(y, torch.tensor([[0.125, 0.25, 0.875]]))
+
+
+def test_grid_all_equal_channel_maps_to_median():
+    x = torch.full((2, 100), 3.0)
+    q = torch.stack([torch.linspace(0, 1, 11), torch.linspace(-5, 5, 11)])
+    for knots in (2, 16):
+        y = transport_grid(x, q, grid_knots(x, knots))
+        torch.testing.assert_close(y, torch.tensor([[0.5], [0.0]]).expand(2, 100))
+        torch.testing.assert_close(y, transport_exact(x, q))
+
+
+def test_grid_two_value_channel_equals_exact():
+    x = torch.tensor([[0.0] * 70 + [1.0] * 30])
+    q = torch.linspace(0, 1, 101).unsqueeze(0)
+    y = transport_grid(x, q, grid_knots(x, 8))
+    torch.testing.assert_close(y, transport_exact(x, q))
+    torch.testing.assert_close(y[0, :2], torch.tensor([0.35, 0.35]))
+
+
+@settings(deadline=None)
+@given(values, st.integers(2, 40))
+def test_grid_is_monotone_and_ties_give_equal_outputs(vals, k):
+    x = torch.tensor([vals])
+    y = transport_grid(x, normal_table(1), grid_knots(x, k))[0]
+    order = torch.argsort(x[0])
+    assert torch.all(y[order][1:] >= y[order][:-1] - 1e-6)
+    for i in range(len(vals)):
+        assert torch.all(y[x[0] == vals[i]] == y[i])
+
+
+def test_bad_shapes_are_explained():
+    with pytest.raises(ValueError, match="channel-major matrix"):
+        transport_exact(torch.zeros(3), torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="channels"):
+        transport_exact(torch.zeros(3, 5), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="at least 2 knots"):
+        grid_knots(torch.zeros(1, 5), 1)
