@@ -7,8 +7,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import rankdata, wasserstein_distance
 
+from torch_dmc.sketch import sample_channel_values
 from torch_dmc.transport import (
+    apply_lut,
     grid_knots,
+    lut_from_knots,
     interp_quantiles,
     midranks,
     tie_run_bounds,
@@ -160,11 +163,12 @@ def test_grid_agrees_with_exact(atoms):
 
 def test_grid_from_subsample_stays_close():
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 100_000, generator=g)
+    x = torch.randn(100_000, 4, generator=g).T
     x[:, :30_000] = 0.0
     q = normal_table(4, 1025)
     exact = transport_exact(x, q)
-    grid = transport_grid(x, q, grid_knots(x, 256, sample=16384, generator=g))
+    sample = sample_channel_values(x.T, 1, 16384, g)
+    grid = transport_grid(x, q, grid_knots(sample, 256))
     scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
     assert float(((grid - exact).abs() / scale).mean()) < 3e-3
 
@@ -215,3 +219,49 @@ def test_bad_shapes_are_explained():
         transport_exact(torch.zeros(3, 5), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="at least 2 knots"):
         grid_knots(torch.zeros(1, 5), 1)
+
+
+# ----- the tabulated map (grid mode's fast path) --------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NTC"])
+def test_lut_agrees_with_grid_transport_and_exact(layout):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(100, 6, 20, 20, generator=g) * torch.arange(1, 7).view(1, 6, 1, 1)
+    x[:, :, :4] = 0.25  # an atom in every channel
+    q = normal_table(6, 1025)
+    flat = x.movedim(1, 0).reshape(6, -1)
+    knots = grid_knots(flat, 256)
+    exact = transport_exact(flat, q)
+    lut = lut_from_knots(q, knots, 1024)
+    if layout == "NCHW":
+        y = apply_lut(x, lut, 1).movedim(1, 0).reshape(6, -1)
+    else:  # tokens: channels last
+        tokens = x.permute(0, 2, 3, 1).reshape(100, 400, 6)
+        y = apply_lut(tokens, lut, -1).reshape(-1, 6).T
+        exact = transport_exact(tokens.reshape(-1, 6).T, q)
+        flat = tokens.reshape(-1, 6).T
+    scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
+    assert float(((y - exact).abs() / scale).mean()) < 1e-3
+    atom = flat == 0.25
+    assert float((y[atom] - exact[atom]).abs().max()) < 1e-3 * float(scale.max())
+    assert y.shape == exact.shape
+
+
+def test_lut_edge_cases():
+    q = torch.linspace(0, 1, 5).unsqueeze(0)  # Q(u) = u
+    knots = grid_knots(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 4)
+    lut = lut_from_knots(q, knots, 64)
+    x = torch.tensor([[-10.0, 1.0, 2.5, 4.0, 10.0]]).view(1, 1, 5)
+    y = apply_lut(x, lut, 1)
+    torch.testing.assert_close(y, torch.tensor([[[0.125, 0.125, 0.5, 0.875, 0.875]]]),
+                               atol=1e-5, rtol=0)
+    # an all-equal channel maps to its median image, next to an ordinary channel
+    x = torch.stack([torch.full((50,), 3.0), torch.linspace(-1, 1, 50)]).unsqueeze(0)
+    q2 = torch.stack([torch.linspace(0, 1, 11), torch.linspace(-5, 5, 11)])
+    knots = grid_knots(x[0], 16)
+    y = apply_lut(x, lut_from_knots(q2, knots, 128), 1)[0]
+    torch.testing.assert_close(y[0], torch.full((50,), 0.5))
+    torch.testing.assert_close(y, transport_exact(x[0], q2), atol=0.03, rtol=0)
+    with pytest.raises(ValueError, match="channels"):
+        apply_lut(torch.zeros(2, 3, 4), lut, 1)

@@ -32,6 +32,9 @@ __all__ = [
     "grid_knots",
     "transport_grid",
     "wasserstein1",
+    "Lut",
+    "lut_from_knots",
+    "apply_lut",
 ]
 
 
@@ -177,32 +180,26 @@ class Knots(NamedTuple):
     upper: Tensor
 
 
-def grid_knots(x: Tensor, knots: int, sample: int | None = None,
-               generator: torch.Generator | None = None) -> Knots:
+def grid_knots(x: Tensor, knots: int) -> Knots:
     """Summarise each channel's distribution at ``knots`` order statistics (grid mode's first step).
 
-    The knots sit at the ranks of `knot_ranks` (evenly spaced, denser at both ends) of all ``N`` values, or
-    of ``sample`` positions drawn uniformly with replacement (shared by all channels) when
-    ``sample < N``; sampling adds a rank error of order ``1/sqrt(sample)``. Tie runs are measured in
-    the full sorted (sub)sample, so atoms get their exact average rank.
+    The knots sit at the ranks of `knot_ranks` (evenly spaced, denser at both ends) among the
+    ``M`` given values, which may be all of a batch's values or a random subsample of them (see
+    `torch_dmc.sketch.sample_channel_values`; a subsample of ``M`` values adds a rank error of
+    order ``1/sqrt(M)``). Tie runs are measured among all ``M`` values, so atoms get their exact
+    average rank.
 
     Args:
-        x: ``C×N`` values.
-        knots: number of knots ``K' >= 2``.
-        sample: estimate from this many random positions instead of all ``N`` (``None``: all).
-        generator: random source for the subsample (on ``x``'s device).
+        x: ``C×M`` values.
+        knots: number of evenly spaced knots ``K' >= 2`` (tail knots come on top).
 
     Returns:
-        `Knots`, each field ``C×K'``.
+        `Knots`, each field ``C×K'`` (``K'`` including the tail knots).
     """
     _check_matrix(x)
     if knots < 2:
         raise ValueError(f"grid mode needs at least 2 knots, found {knots}")
     n = x.shape[1]
-    if sample is not None and sample < n:
-        idx = torch.randint(n, (sample,), device=x.device, generator=generator)
-        x = x[:, idx]
-        n = sample
     sorted_x = x.sort(dim=1).values
     first, last = tie_run_bounds(sorted_x)
     ranks = knot_ranks(n, knots).to(x.device)
@@ -265,3 +262,96 @@ def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:
     sorted_x = x.sort(dim=1).values.to(q_ref.dtype)
     u = ((torch.arange(n, device=x.device, dtype=q_ref.dtype) + 0.5) / n).expand(x.shape[0], -1)
     return (sorted_x - interp_quantiles(q_ref, u)).abs().mean(dim=1)
+
+
+class Lut(NamedTuple):
+    """A per-channel monotone map tabulated on a uniform grid of ``B`` nodes (fields on ``x``'s device).
+
+    Node ``j`` of channel ``c`` sits at ``origin[c] + j · step[c]`` and holds ``table[c, j]``;
+    between nodes the map is linear, outside the first and last node it is constant.
+    """
+
+    table: Tensor  # C×B
+    origin: Tensor  # C
+    step: Tensor  # C
+
+
+@torch.no_grad()
+def lut_from_knots(q_ref: Tensor, knots: Knots, size: int) -> Lut:
+    """Tabulate the grid transport ``x ↦ Q_ref(F̂(x))`` on ``size`` uniform nodes per channel.
+
+    The nodes span the knots' range. If a channel has atoms (knots with ``lower < upper``), the
+    grid is shifted by less than one step so that its heaviest atom falls exactly on a node: that
+    value then maps exactly to the atom's average-rank image, as in `transport_exact`. Values
+    within one step of an atom, or between nodes elsewhere, are interpolated linearly, which adds
+    an error bounded by the map's change over one step.
+
+    Args:
+        q_ref: ``C×K`` reference quantile table.
+        knots: the test distribution's `Knots` (``C×K'``).
+        size: nodes ``B >= 2`` per channel.
+
+    Returns:
+        The `Lut`.
+    """
+    if size < 2:
+        raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
+    values = knots.values
+    lo, hi = values[:, 0], values[:, -1]
+    step = (hi - lo) / (size - 2)  # one spare step for the shift below
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    mass = knots.upper - knots.lower
+    heaviest = mass.argmax(dim=1, keepdim=True)
+    atom = values.gather(1, heaviest).squeeze(1)
+    shift = torch.where(mass.gather(1, heaviest).squeeze(1) > 0,
+                        torch.remainder(atom - lo, step), torch.zeros_like(lo))
+    origin = lo + shift - step  # node (atom - origin) / step is an integer
+    nodes = origin.unsqueeze(1) + step.unsqueeze(1) * torch.arange(size, device=values.device,
+                                                                   dtype=values.dtype)
+    atom_node = torch.where(shift > 0, ((atom - origin) / step).round().long(), -1)
+    nodes = torch.where(torch.arange(size, device=values.device) == atom_node.unsqueeze(1),
+                        atom.unsqueeze(1), nodes)  # exactly the atom, whatever the rounding
+    return Lut(transport_grid(nodes, q_ref, knots), origin, step)
+
+
+def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1) -> Tensor:
+    """Apply a tabulated per-channel map to an activation of any layout, in one fused kernel.
+
+    The table is read with ``torch.nn.functional.grid_sample`` (bilinear, border padding): the
+    value's position in its channel's table is the horizontal coordinate and the channel's row
+    the vertical one, at an exact integer row so that no neighbouring channel leaks in. The
+    activation is never transposed.
+
+    Args:
+        x: activation with ``C`` channels on ``channel_axis`` (e.g. ``N×C×H×W`` or ``N×T×C``).
+        lut: the `Lut` (``C×B`` table).
+        channel_axis: the channel axis of ``x``.
+
+    Returns:
+        The mapped activation, shape and dtype of ``x``.
+    """
+    axis = channel_axis % x.dim()
+    c, b = lut.table.shape
+    if x.shape[axis] != c:
+        raise ValueError(f"x has {x.shape[axis]} channels on axis {axis}, the table has {c}")
+    rows = 1 if c == 1 else 1 + (1 << (c - 1).bit_length())  # 2^k + 1 rows: exact coordinates
+    table = lut.table.to(torch.float32)
+    if rows > c:
+        table = torch.cat([table, table[-1:].expand(rows - c, b)])
+    bshape = [1] * x.dim()
+    bshape[axis] = c
+    scale = (2 / ((b - 1) * lut.step)).to(torch.float32)
+    shift = -lut.origin.to(torch.float32) * scale - 1
+    row = torch.arange(c, device=x.device, dtype=torch.float32) * (2 / max(rows - 1, 1)) - 1
+    if torch.is_grad_enabled() and x.requires_grad:  # differentiable: d/dx is the table's slope
+        grid = torch.stack([torch.addcmul(shift.view(bshape), x.float(), scale.view(bshape)),
+                            row.view(bshape).expand(x.shape)], dim=-1)
+    else:  # fast: write both coordinates in place, no intermediate tensors
+        grid = torch.empty(*x.shape, 2, device=x.device, dtype=torch.float32)
+        torch.addcmul(shift.view(bshape), x, scale.view(bshape), out=grid[..., 0])
+        grid[..., 1] = row.view(bshape)
+    width = x.shape[-1]
+    out = torch.nn.functional.grid_sample(
+        table.view(1, 1, rows, b), grid.view(1, -1, width, 2), mode="bilinear",
+        padding_mode="border", align_corners=True)
+    return out.view(x.shape).to(x.dtype)
