@@ -10,13 +10,11 @@ from scipy.stats import rankdata, wasserstein_distance
 from torch_dmc.sketch import sample_channel_values
 from torch_dmc.transport import (
     apply_lut,
-    grid_knots,
-    lut_from_knots,
+    lut_from_sample,
     interp_quantiles,
     midranks,
     tie_run_bounds,
     transport_exact,
-    transport_grid,
     wasserstein1,
 )
 
@@ -139,7 +137,16 @@ def test_exact_minimises_w1_among_monotone_maps():
     assert w_exact < 0.01 and w_exact < 0.2 * w_affine
 
 
-# ----- grid mode -------------------------------------------------------------------------------
+# ----- grid mode: the tabulated map ------------------------------------------------------------
+
+
+def relative_error(y, exact, q):
+    return (y - exact).abs() / (q[:, -1] - q[:, 0]).unsqueeze(1)
+
+
+def grid(x: torch.Tensor, q: torch.Tensor, knots: int = 1024) -> torch.Tensor:
+    """Grid transport of channel-major values through the public pieces."""
+    return apply_lut(x, lut_from_sample(x, q, knots), channel_axis=0)
 
 
 @pytest.mark.parametrize("atoms", [False, True])
@@ -151,65 +158,84 @@ def test_grid_agrees_with_exact(atoms):
         x[:, 20_000:25_000] = 1.5
     q = normal_table(8, 1025)
     exact = transport_exact(x, q)
-    grid = transport_grid(x, q, grid_knots(x, 256))
-    scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
-    assert float(((grid - exact).abs() / scale).max()) < 0.02
-    assert float(((grid - exact).abs() / scale).mean()) < 1e-3
-    if atoms:  # atoms are exact: equal inputs equal outputs, at the average-rank level
-        for v in (0.0, 1.5):
-            mask = x == v
-            torch.testing.assert_close(grid[mask], exact[mask], rtol=0, atol=1e-5)
+    err = relative_error(grid(x, q), exact, q)
+    # the heaviest atom is exact, a lighter one is placed within one bin (documented)
+    assert float(err.mean()) < (5e-3 if atoms else 1e-3)
+    # large errors only for the few values within one bin of an atom or in the far tails
+    assert float((err > 0.01).float().mean()) < (1e-2 if atoms else 1e-3)
+    if atoms:
+        mask = x == 0.0
+        torch.testing.assert_close(grid(x, q)[mask], exact[mask], rtol=0, atol=1e-3)
 
 
 def test_grid_from_subsample_stays_close():
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(100_000, 4, generator=g).T
-    x[:, :30_000] = 0.0
+    x = torch.randn(100_000, 4, generator=g)
+    x[:30_000] = 0.0
     q = normal_table(4, 1025)
-    exact = transport_exact(x, q)
-    sample = sample_channel_values(x.T, 1, 16384, g)
-    grid = transport_grid(x, q, grid_knots(sample, 256))
-    scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
-    assert float(((grid - exact).abs() / scale).mean()) < 3e-3
+    exact = transport_exact(x.T, q)
+    sample = sample_channel_values(x, 1, 4096, g)
+    y = apply_lut(x, lut_from_sample(sample, q, 1024), channel_axis=1).T
+    assert float(relative_error(y, exact, q).mean()) < 5e-3
+    atom = x.T == 0  # its level is estimated from the sample too: error of order 1/sqrt(4096)
+    assert float(relative_error(y, exact, q)[atom].max()) < 0.01
 
 
-def test_grid_knot_search_edge_cases():
-    q = torch.linspace(0, 1, 5).unsqueeze(0)  # Q(u) = u
-    knots = grid_knots(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 4)
-    # below the first and above the last knot: the end knots' images
-    y = transport_grid(torch.tensor([[-10.0, 10.0]]), q, knots)
-    torch.testing.assert_close(y, torch.tensor([[0.125, 0.875]]))
-    # between knots: linear; on a knot: its level
-    y = transport_grid(torch.tensor([[1.0, 1.5, 4.0]]), q, knots)
-    torch.testing.assert_close(y, torch.tensor([[0.125, 0.25, 0.875]]))
+def test_grid_edge_cases():
+    q = torch.linspace(0, 1, 5).unsqueeze(0)  # Q(u) = u: outputs are levels
+    lut = lut_from_sample(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), q, 7)
+    # far below the first and above the last value: the extreme levels 1/(2M) and 1 - 1/(2M)
+    y = apply_lut(torch.tensor([[-10.0, 10.0]]), lut, 0)
+    torch.testing.assert_close(y, torch.tensor([[0.125, 0.875]]), atol=1e-6, rtol=0)
+    # the values themselves: within 1/(2M) of their exact levels, in order
+    y = apply_lut(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), lut, 0)
+    exact = torch.tensor([[0.125, 0.375, 0.625, 0.875]])
+    assert float((y - exact).abs().max()) <= 0.125 + 1e-6
+    assert torch.all(y[0, 1:] > y[0, :-1])
 
 
 def test_grid_all_equal_channel_maps_to_median():
     x = torch.full((2, 100), 3.0)
     q = torch.stack([torch.linspace(0, 1, 11), torch.linspace(-5, 5, 11)])
-    for knots in (2, 16):
-        y = transport_grid(x, q, grid_knots(x, knots))
-        torch.testing.assert_close(y, torch.tensor([[0.5], [0.0]]).expand(2, 100))
-        torch.testing.assert_close(y, transport_exact(x, q))
+    for knots in (3, 16):
+        torch.testing.assert_close(grid(x, q, knots), transport_exact(x, q))
+        torch.testing.assert_close(grid(x, q, knots)[:, 0], torch.tensor([0.5, 0.0]))
 
 
-def test_grid_two_value_channel_equals_exact():
+def test_grid_two_value_channel_equals_exact_on_both_values():
     x = torch.tensor([[0.0] * 70 + [1.0] * 30])
     q = torch.linspace(0, 1, 101).unsqueeze(0)
-    y = transport_grid(x, q, grid_knots(x, 8))
-    torch.testing.assert_close(y, transport_exact(x, q))
-    torch.testing.assert_close(y[0, :2], torch.tensor([0.35, 0.35]))
+    y = grid(x, q, 16)
+    torch.testing.assert_close(y[0, :70], torch.full((70,), 0.35))  # the atom: exact
+    torch.testing.assert_close(y, transport_exact(x, q), atol=0.02, rtol=0)
 
 
 @settings(deadline=None)
-@given(values, st.integers(2, 40))
+@given(values, st.integers(3, 40))
 def test_grid_is_monotone_and_ties_give_equal_outputs(vals, k):
     x = torch.tensor([vals])
-    y = transport_grid(x, normal_table(1), grid_knots(x, k))[0]
+    y = grid(x, normal_table(1), k)[0]
     order = torch.argsort(x[0])
-    assert torch.all(y[order][1:] >= y[order][:-1] - 1e-6)
+    assert torch.all(y[order][1:] >= y[order][:-1] - 1e-5)
     for i in range(len(vals)):
         assert torch.all(y[x[0] == vals[i]] == y[i])
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NTC"])
+def test_grid_reads_the_channel_axis_of_any_layout(layout):
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(50, 6, 10, 10, generator=g) * torch.arange(1, 7).view(1, 6, 1, 1)
+    q = normal_table(6, 1025)
+    flat = x.movedim(1, 0).reshape(6, -1)
+    lut = lut_from_sample(flat, q, 512)
+    if layout == "NCHW":
+        y = apply_lut(x, lut, 1).movedim(1, 0).reshape(6, -1)
+    else:  # tokens: channels last
+        y = apply_lut(x.permute(0, 2, 3, 1).reshape(50, 100, 6), lut, -1).reshape(-1, 6).T
+        flat = x.permute(0, 2, 3, 1).reshape(-1, 6).T
+    assert float(relative_error(y, transport_exact(flat, q), q).mean()) < 2e-3
+    with pytest.raises(ValueError, match="channels"):
+        apply_lut(torch.zeros(2, 3, 4), lut, 1)
 
 
 def test_bad_shapes_are_explained():
@@ -217,51 +243,5 @@ def test_bad_shapes_are_explained():
         transport_exact(torch.zeros(3), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="channels"):
         transport_exact(torch.zeros(3, 5), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="at least 2 knots"):
-        grid_knots(torch.zeros(1, 5), 1)
-
-
-# ----- the tabulated map (grid mode's fast path) --------------------------------------------------
-
-
-@pytest.mark.parametrize("layout", ["NCHW", "NTC"])
-def test_lut_agrees_with_grid_transport_and_exact(layout):
-    g = torch.Generator().manual_seed(6)
-    x = torch.randn(100, 6, 20, 20, generator=g) * torch.arange(1, 7).view(1, 6, 1, 1)
-    x[:, :, :4] = 0.25  # an atom in every channel
-    q = normal_table(6, 1025)
-    flat = x.movedim(1, 0).reshape(6, -1)
-    knots = grid_knots(flat, 256)
-    exact = transport_exact(flat, q)
-    lut = lut_from_knots(q, knots, 1024)
-    if layout == "NCHW":
-        y = apply_lut(x, lut, 1).movedim(1, 0).reshape(6, -1)
-    else:  # tokens: channels last
-        tokens = x.permute(0, 2, 3, 1).reshape(100, 400, 6)
-        y = apply_lut(tokens, lut, -1).reshape(-1, 6).T
-        exact = transport_exact(tokens.reshape(-1, 6).T, q)
-        flat = tokens.reshape(-1, 6).T
-    scale = (q[:, -1] - q[:, 0]).unsqueeze(1)
-    assert float(((y - exact).abs() / scale).mean()) < 1e-3
-    atom = flat == 0.25
-    assert float((y[atom] - exact[atom]).abs().max()) < 1e-3 * float(scale.max())
-    assert y.shape == exact.shape
-
-
-def test_lut_edge_cases():
-    q = torch.linspace(0, 1, 5).unsqueeze(0)  # Q(u) = u
-    knots = grid_knots(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), 4)
-    lut = lut_from_knots(q, knots, 64)
-    x = torch.tensor([[-10.0, 1.0, 2.5, 4.0, 10.0]]).view(1, 1, 5)
-    y = apply_lut(x, lut, 1)
-    torch.testing.assert_close(y, torch.tensor([[[0.125, 0.125, 0.5, 0.875, 0.875]]]),
-                               atol=1e-5, rtol=0)
-    # an all-equal channel maps to its median image, next to an ordinary channel
-    x = torch.stack([torch.full((50,), 3.0), torch.linspace(-1, 1, 50)]).unsqueeze(0)
-    q2 = torch.stack([torch.linspace(0, 1, 11), torch.linspace(-5, 5, 11)])
-    knots = grid_knots(x[0], 16)
-    y = apply_lut(x, lut_from_knots(q2, knots, 128), 1)[0]
-    torch.testing.assert_close(y[0], torch.full((50,), 0.5))
-    torch.testing.assert_close(y, transport_exact(x[0], q2), atol=0.03, rtol=0)
-    with pytest.raises(ValueError, match="channels"):
-        apply_lut(torch.zeros(2, 3, 4), lut, 1)
+    with pytest.raises(ValueError, match="at least 3 nodes"):
+        lut_from_sample(torch.zeros(1, 5), torch.zeros(1, 4), 2)

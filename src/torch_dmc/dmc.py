@@ -29,7 +29,7 @@ from .sites import (
 )
 from .sketch import QuantileSketch, sample_channel_values
 from .stats_io import ReferenceStats
-from .transport import apply_lut, grid_knots, lut_from_knots, transport_exact, wasserstein1
+from .transport import apply_lut, lut_from_sample, transport_exact, wasserstein1
 
 __all__ = ["MODES", "fit", "DMC", "corrected", "shift_report", "format_shift_report"]
 
@@ -37,9 +37,8 @@ MODES = ("exact", "grid")
 """Ways of estimating the test distribution (DESIGN §1): full sort, or quantiles at knots."""
 
 DEFAULT_MODE = "grid"
-DEFAULT_KNOTS = 256
-DEFAULT_GRID_SAMPLE = 16384
-DEFAULT_LUT_SIZE = 1024
+DEFAULT_KNOTS = 1024
+DEFAULT_GRID_SAMPLE = 4096
 
 
 def _batch_input(batch) -> Tensor:
@@ -67,7 +66,7 @@ def _model_device(model: nn.Module) -> torch.device:
 def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: int = 1024,
         max_batches: int | None = None, device: torch.device | str | None = None,
         progress: bool = True, channel_axes: int | Mapping[str, int] | None = None,
-        samples_per_batch: int | None = 4096, capacity: int = 4096, seed: int = 0
+        samples_per_batch: int | None = 1024, capacity: int = 4096, seed: int = 0
         ) -> ReferenceStats:
     """Fit the reference quantile function of every site's channels on source data.
 
@@ -185,15 +184,15 @@ class DMC(nn.Module):
         model: the trained network (left in whatever train/eval mode it is in).
         stats: `ReferenceStats` fitted on this model (validated here).
         mode: ``"exact"`` (full sort, the reference implementation) or ``"grid"`` (the default:
-            test quantiles at ``knots`` knots estimated from a random subsample, the map
-            ``x ↦ Q_ref(F̂(x))`` tabulated on ``lut_size`` uniform nodes and applied in one pass).
+            the test CDF ``F̂`` at ``knots`` uniform knots from a histogram of a random subsample,
+            the map ``x ↦ Q_ref(F̂(x))`` tabulated there and applied in one pass; see
+            `torch_dmc.transport.lut_from_sample`).
         strength: ``λ`` in ``[0, 1]`` for every site, or a dict of fnmatch pattern → ``λ`` (the last
             matching pattern wins; unmatched sites get 1). Sites with ``λ = 0`` are not hooked.
         sites: fnmatch patterns choosing a subset of the stats' sites (default: all of them).
-        knots: grid mode's ``K'``.
+        knots: grid mode's ``K'``, knots (table nodes) per channel.
         grid_sample: grid mode estimates its knots from this many random positions per channel
             (``None``: from all values); adds a rank error of order ``1/sqrt(grid_sample)``.
-        lut_size: grid mode's nodes per channel of the tabulated map.
         seed: seed of grid mode's sampling (`reset` restarts it).
 
     Example:
@@ -205,12 +204,12 @@ class DMC(nn.Module):
     def __init__(self, model: nn.Module, stats: ReferenceStats, *, mode: str = DEFAULT_MODE,
                  strength: float | Mapping[str, float] = 1.0, sites: str | list[str] | None = None,
                  knots: int = DEFAULT_KNOTS, grid_sample: int | None = DEFAULT_GRID_SAMPLE,
-                 lut_size: int = DEFAULT_LUT_SIZE, seed: int = 0):
+                 seed: int = 0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if knots < 2:
-            raise ValueError(f"knots must be at least 2, found {knots}")
+        if knots < 3:
+            raise ValueError(f"knots must be at least 3, found {knots}")
         stats.check(model)
         names = stats.sites
         if sites is not None:
@@ -224,7 +223,6 @@ class DMC(nn.Module):
         self.mode = mode
         self.knots = knots
         self.grid_sample = grid_sample
-        self.lut_size = lut_size
         self.seed = seed
         self.strengths = _resolve_strengths(names, strength)
         self._tables: dict[tuple[str, torch.device], Tensor] = {}
@@ -269,7 +267,7 @@ class DMC(nn.Module):
                                                self._generator(output.device))
             else:
                 values = output.movedim(axis, 0).reshape(c, n)
-            lut = lut_from_knots(q, grid_knots(values.float(), self.knots), self.lut_size)
+            lut = lut_from_sample(values, q, self.knots)
             y = apply_lut(output, lut, axis)
         lam = self.strengths[name]
         return y if lam == 1.0 else torch.lerp(output, y, lam)

@@ -27,13 +27,9 @@ __all__ = [
     "midrank_levels",
     "interp_quantiles",
     "transport_exact",
-    "knot_ranks",
-    "Knots",
-    "grid_knots",
-    "transport_grid",
     "wasserstein1",
     "Lut",
-    "lut_from_knots",
+    "lut_from_sample",
     "apply_lut",
 ]
 
@@ -151,99 +147,6 @@ def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
     return torch.empty_like(y_sorted).scatter_(1, order, y_sorted).to(x.dtype)
 
 
-def knot_ranks(n: int, knots: int) -> Tensor:
-    """0-based ranks of the knots among ``n`` sorted values: ``knots`` evenly spaced ranks, the
-    first and last included, plus geometrically spaced ranks ``1, 2, 4, …`` from each end inside
-    the first and last gap, where extreme values would otherwise be interpolated over a long gap.
-
-    Returns:
-        Sorted unique int64 ranks (at most ``knots + 2·log2(n / knots)`` of them).
-    """
-    even = torch.linspace(0, n - 1, knots).round().long()
-    gap = int(even[1]) if knots > 1 and n > 1 else 0
-    steps = [1 << j for j in range(max(gap, 1).bit_length()) if (1 << j) < gap]
-    tails = torch.tensor(steps + [n - 1 - s for s in steps], dtype=torch.long)
-    return torch.unique(torch.cat([even, tails]).clamp_(0, n - 1))
-
-
-class Knots(NamedTuple):
-    """A test distribution summarised at ``K'`` knots per channel (all fields ``C×K'``).
-
-    ``values`` are order statistics (non-decreasing per row). ``lower`` and ``upper`` are the
-    levels ``(rank + 1/2) / M`` of the first and last of the values equal to the knot, among the
-    ``M`` values the knots were taken from: equal for a value that occurs once, the two ends of an
-    atom otherwise; their mean is the atom's average-rank level.
-    """
-
-    values: Tensor
-    lower: Tensor
-    upper: Tensor
-
-
-def grid_knots(x: Tensor, knots: int) -> Knots:
-    """Summarise each channel's distribution at ``knots`` order statistics (grid mode's first step).
-
-    The knots sit at the ranks of `knot_ranks` (evenly spaced, denser at both ends) among the
-    ``M`` given values, which may be all of a batch's values or a random subsample of them (see
-    `torch_dmc.sketch.sample_channel_values`; a subsample of ``M`` values adds a rank error of
-    order ``1/sqrt(M)``). Tie runs are measured among all ``M`` values, so atoms get their exact
-    average rank.
-
-    Args:
-        x: ``C×M`` values.
-        knots: number of evenly spaced knots ``K' >= 2`` (tail knots come on top).
-
-    Returns:
-        `Knots`, each field ``C×K'`` (``K'`` including the tail knots).
-    """
-    _check_matrix(x)
-    if knots < 2:
-        raise ValueError(f"grid mode needs at least 2 knots, found {knots}")
-    n = x.shape[1]
-    sorted_x = x.sort(dim=1).values
-    first, last = tie_run_bounds(sorted_x)
-    ranks = knot_ranks(n, knots).to(x.device)
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    lower = (first.index_select(1, ranks).to(dtype) + 0.5) / n
-    upper = (last.index_select(1, ranks).to(dtype) + 0.5) / n
-    return Knots(sorted_x.index_select(1, ranks), lower, upper)
-
-
-def transport_grid(x: Tensor, q_ref: Tensor, knots: Knots) -> Tensor:
-    """Grid DMC transport: ``T(x) = Q_ref(F̂(x))``, ``F̂`` piecewise linear through the knots.
-
-    ``F̂(x)`` is the level: a value equal to a knot gets the knot's average-rank level (so atoms
-    agree with `transport_exact` and equal inputs give equal outputs); between two neighbouring
-    distinct knots it rises linearly in ``x`` from the left knot's upper level to the right knot's
-    lower level; below the first or above the last knot it is that knot's level. ``Q_ref`` is then
-    interpolated between its stored levels, as in `transport_exact`.
-    Cost ``O(N log K')`` per channel.
-
-    Args:
-        x: ``C×N`` values.
-        q_ref: ``C×K`` reference quantile table.
-        knots: the test distribution's `Knots` (see `grid_knots`), ``C×K'``.
-
-    Returns:
-        ``C×N`` corrected values, dtype of ``x``.
-    """
-    _check_matrix(x)
-    kv = knots.values.to(x.dtype).contiguous()
-    kk = kv.shape[1]
-    x = x.contiguous()
-    hi = torch.searchsorted(kv, x, right=True)  # first knot > x
-    lo = (hi - 1).clamp_(0, kk - 1)  # last knot <= x (the first knot when x is below all)
-    hi = hi.clamp_(max=kk - 1)
-    x_lo = kv.gather(1, lo)
-    span = kv.gather(1, hi) - x_lo
-    frac = torch.where(span > 0, (x - x_lo) / span.clamp_min(torch.finfo(x.dtype).tiny), 0)
-    upper = knots.upper.to(x.dtype)
-    u = torch.lerp(upper.gather(1, lo), knots.lower.to(x.dtype).gather(1, hi), frac.clamp_(0, 1))
-    mid = (knots.lower.to(x.dtype) + upper) / 2
-    u = torch.where(x == x_lo, mid.gather(1, lo), u)  # on a knot (an atom): its average rank
-    return interp_quantiles(q_ref, u).to(x.dtype)
-
-
 def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:
     """Per-channel 1-D Wasserstein-1 distance between the values ``x`` and a quantile table.
 
@@ -276,42 +179,97 @@ class Lut(NamedTuple):
     step: Tensor  # C
 
 
-@torch.no_grad()
-def lut_from_knots(q_ref: Tensor, knots: Knots, size: int) -> Lut:
-    """Tabulate the grid transport ``x ↦ Q_ref(F̂(x))`` on ``size`` uniform nodes per channel.
+def _bins(values: Tensor, origin: Tensor, step: Tensor, bins: int) -> Tensor:
+    """Bin index (``C×M`` int64 in ``[0, bins)``) of each value on the grid ``origin + j·step``."""
+    pos = ((values - origin.unsqueeze(1)) / step.unsqueeze(1)).floor_().clamp_(0, bins - 1)
+    return pos.long()
 
-    The nodes span the knots' range. If a channel has atoms (knots with ``lower < upper``), the
-    grid is shifted by less than one step so that its heaviest atom falls exactly on a node: that
-    value then maps exactly to the atom's average-rank image, as in `transport_exact`. Values
-    within one step of an atom, or between nodes elsewhere, are interpolated linearly, which adds
-    an error bounded by the map's change over one step.
+
+def _histogram(bins: Tensor, weights: Tensor, n_bins: int) -> Tensor:
+    """Per-channel weighted counts ``C×n_bins`` of bin indices ``C×M``."""
+    c = bins.shape[0]
+    offsets = (torch.arange(c, device=bins.device) * n_bins).unsqueeze(1)
+    counts = torch.bincount((bins + offsets).flatten(), weights=weights.flatten(),
+                            minlength=c * n_bins)
+    return counts.view(c, n_bins)
+
+
+@torch.no_grad()
+def lut_from_sample(values: Tensor, q_ref: Tensor, size: int, atoms: int = 2,
+                    min_atom: float = 0.005) -> Lut:
+    """Grid transport ``x ↦ Q_ref(F̂(x))`` tabulated on ``size`` uniform nodes per channel.
+
+    ``F̂`` is the piecewise-linear CDF of ``values`` through knots at the nodes, from a histogram
+    with ``size - 1`` equal bins spanning the values' range: no sort. With ``b_j`` of the ``M``
+    values below node ``j``, the node's level is ``b_j / M``, so that a value in the middle of its
+    bin gets ``(b_j + 1/2) / M``, its level in `transport_exact`; elsewhere in the bin the level
+    differs from the exact one by at most ``1 / (2M)`` plus the bin's other values' share.
+
+    Atoms (values repeated at least ``max(5, min_atom · M)`` times; up to ``atoms`` per channel,
+    heaviest first, each found as the first value of the heaviest remaining bin) get their
+    average-rank level ``(below + count / 2) / M``, as in `transport_exact`. The grid is shifted by
+    less than one bin so that the heaviest atom sits exactly on a node: it maps exactly, and so do
+    values beside it. A lighter atom cannot also sit on a node: both nodes of its bin take its level,
+    so it maps exactly while the few other values inside that one bin map to it too.
 
     Args:
+        values: ``C×M`` values of the test batch per channel: all of them, or a random subsample
+            (see `torch_dmc.sketch.sample_channel_values`; ``M`` sampled values add a rank error
+            of order ``1/sqrt(M)``).
         q_ref: ``C×K`` reference quantile table.
-        knots: the test distribution's `Knots` (``C×K'``).
-        size: nodes ``B >= 2`` per channel.
+        size: nodes ``B >= 3`` per channel.
+        atoms: most atoms per channel handled exactly.
+        min_atom: smallest mass (fraction of ``M``) treated as an atom.
 
     Returns:
-        The `Lut`.
+        The `Lut` (``C×B`` table).
     """
-    if size < 2:
-        raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
-    values = knots.values
-    lo, hi = values[:, 0], values[:, -1]
-    step = (hi - lo) / (size - 2)  # one spare step for the shift below
+    _check_matrix(values, "values")
+    if size < 3:
+        raise ValueError(f"a lookup table needs at least 3 nodes, found {size}")
+    c, m = values.shape
+    values = values.float()
+    lo, hi = values.aminmax(dim=1)
+    step = (hi - lo) / (size - 2)  # size - 1 bins; one spare bin for the shift below
     step = torch.where(step > 0, step, torch.ones_like(step))
-    mass = knots.upper - knots.lower
-    heaviest = mass.argmax(dim=1, keepdim=True)
-    atom = values.gather(1, heaviest).squeeze(1)
-    shift = torch.where(mass.gather(1, heaviest).squeeze(1) > 0,
-                        torch.remainder(atom - lo, step), torch.zeros_like(lo))
-    origin = lo + shift - step  # node (atom - origin) / step is an integer
-    nodes = origin.unsqueeze(1) + step.unsqueeze(1) * torch.arange(size, device=values.device,
-                                                                   dtype=values.dtype)
-    atom_node = torch.where(shift > 0, ((atom - origin) / step).round().long(), -1)
-    nodes = torch.where(torch.arange(size, device=values.device) == atom_node.unsqueeze(1),
-                        atom.unsqueeze(1), nodes)  # exactly the atom, whatever the rounding
-    return Lut(transport_grid(nodes, q_ref, knots), origin, step)
+    threshold = max(5.0, min_atom * m)
+
+    # find atoms, heaviest first, on the unshifted grid
+    bins = _bins(values, lo, step, size - 1)
+    remaining = torch.ones_like(values)
+    found = []  # (value C, count C, present C)
+    for _ in range(atoms):
+        top = _histogram(bins, remaining, size - 1).argmax(dim=1, keepdim=True)
+        first = ((bins == top) & (remaining > 0)).to(torch.uint8).argmax(dim=1, keepdim=True)
+        value = values.gather(1, first).squeeze(1)
+        members = (values == value.unsqueeze(1)) & (remaining > 0)
+        count = members.sum(dim=1).to(values.dtype)
+        present = count >= threshold
+        remaining = remaining * ~(members & present.unsqueeze(1))
+        found.append((value, torch.where(present, count, torch.zeros_like(count)), present))
+
+    # shift the grid so that the heaviest atom is a node
+    value0, _, present0 = found[0]
+    origin = torch.where(present0, lo + torch.remainder(value0 - lo, step) - step, lo - step / 2)
+    node = torch.arange(size, device=values.device).unsqueeze(0)
+    rest = _histogram(_bins(values, origin, step, size - 1), remaining, size - 1)
+    below = torch.cat([torch.zeros_like(rest[:, :1]), rest.cumsum(dim=1)], dim=1)  # C×B
+    atom_node = []
+    for i, (value, count, present) in enumerate(found):
+        pos = (value - origin) / step
+        pos = pos.round() if i == 0 else pos.floor()  # the heaviest atom is a node; others in a bin
+        k = torch.where(present, pos, -2).long().unsqueeze(1)
+        atom_node.append(k)
+        below = below + count.unsqueeze(1) * (node > k)  # an atom is below the nodes above it
+    level = below  # a value mid-bin then gets (b + 1/2) / M, its level in transport_exact
+    for i, (value, count, present) in enumerate(reversed(found)):  # heaviest last: it wins
+        k = atom_node[len(found) - 1 - i]
+        mid = (values < value.unsqueeze(1)).sum(dim=1, keepdim=True).to(values.dtype) \
+            + count.unsqueeze(1) / 2
+        at = (node == k) | ((node == k + 1) & (i < len(found) - 1))  # lighter atoms: both nodes
+        level = torch.where(at & present.unsqueeze(1), mid, level)
+    level = (level / m).clamp_(0.5 / m, 1 - 0.5 / m)
+    return Lut(interp_quantiles(q_ref, level), origin, step)
 
 
 def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1) -> Tensor:
