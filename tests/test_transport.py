@@ -10,8 +10,8 @@ from scipy.stats import rankdata, wasserstein_distance
 from torch_dmc.sketch import sample_channel_values
 from torch_dmc.transport import (
     apply_lut,
-    lut_from_sample,
     interp_quantiles,
+    lut_from_sample,
     midranks,
     tie_run_bounds,
     transport_exact,
@@ -159,13 +159,11 @@ def test_grid_agrees_with_exact(atoms):
     q = normal_table(8, 1025)
     exact = transport_exact(x, q)
     err = relative_error(grid(x, q), exact, q)
-    # the heaviest atom is exact, a lighter one is placed within one bin (documented)
-    assert float(err.mean()) < (5e-3 if atoms else 1e-3)
-    # large errors only for the few values within one bin of an atom or in the far tails
-    assert float((err > 0.01).float().mean()) < (1e-2 if atoms else 1e-3)
-    if atoms:
-        mask = x == 0.0
-        torch.testing.assert_close(grid(x, q)[mask], exact[mask], rtol=0, atol=1e-3)
+    assert float(err.mean()) < 1e-3
+    assert float((err > 0.01).float().mean()) < 5e-3  # large errors: a few values in the far tails
+    if atoms:  # an atom shares its cell only with the few values within half a knot spacing
+        for v in (0.0, 1.5):
+            assert float(err[x == v].max()) < 5e-3
 
 
 def test_grid_from_subsample_stays_close():
@@ -184,20 +182,20 @@ def test_grid_from_subsample_stays_close():
 def test_grid_edge_cases():
     q = torch.linspace(0, 1, 5).unsqueeze(0)  # Q(u) = u: outputs are levels
     lut = lut_from_sample(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), q, 7)
-    # far below the first and above the last value: the extreme levels 1/(2M) and 1 - 1/(2M)
-    y = apply_lut(torch.tensor([[-10.0, 10.0]]), lut, 0)
-    torch.testing.assert_close(y, torch.tensor([[0.125, 0.875]]), atol=1e-6, rtol=0)
-    # the values themselves: within 1/(2M) of their exact levels, in order
-    y = apply_lut(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), lut, 0)
-    exact = torch.tensor([[0.125, 0.375, 0.625, 0.875]])
-    assert float((y - exact).abs().max()) <= 0.125 + 1e-6
-    assert torch.all(y[0, 1:] > y[0, :-1])
+    # far below the first and above the last value: the end cells' levels; each value its own
+    y = apply_lut(torch.tensor([[-10.0, 1.0, 2.0, 3.0, 4.0, 10.0]]), lut, 0)
+    torch.testing.assert_close(y, torch.tensor([[0.125, 0.125, 0.375, 0.625, 0.875, 0.875]]),
+                               atol=1e-6, rtol=0)
+    # two knots: the lower and upper half of the values share a level each
+    y = apply_lut(torch.tensor([[1.0, 2.0, 3.0, 4.0]]), lut_from_sample(
+        torch.tensor([[1.0, 2.0, 3.0, 4.0]]), q, 2), 0)
+    torch.testing.assert_close(y, torch.tensor([[0.25, 0.25, 0.75, 0.75]]), atol=1e-6, rtol=0)
 
 
 def test_grid_all_equal_channel_maps_to_median():
     x = torch.full((2, 100), 3.0)
     q = torch.stack([torch.linspace(0, 1, 11), torch.linspace(-5, 5, 11)])
-    for knots in (3, 16):
+    for knots in (2, 16):
         torch.testing.assert_close(grid(x, q, knots), transport_exact(x, q))
         torch.testing.assert_close(grid(x, q, knots)[:, 0], torch.tensor([0.5, 0.0]))
 
@@ -205,18 +203,16 @@ def test_grid_all_equal_channel_maps_to_median():
 def test_grid_two_value_channel_equals_exact_on_both_values():
     x = torch.tensor([[0.0] * 70 + [1.0] * 30])
     q = torch.linspace(0, 1, 101).unsqueeze(0)
-    y = grid(x, q, 16)
-    torch.testing.assert_close(y[0, :70], torch.full((70,), 0.35))  # the atom: exact
-    torch.testing.assert_close(y, transport_exact(x, q), atol=0.02, rtol=0)
+    torch.testing.assert_close(grid(x, q, 2), transport_exact(x, q))  # two atoms: exact
 
 
 @settings(deadline=None)
-@given(values, st.integers(3, 40))
+@given(values, st.integers(2, 40))
 def test_grid_is_monotone_and_ties_give_equal_outputs(vals, k):
     x = torch.tensor([vals])
     y = grid(x, normal_table(1), k)[0]
     order = torch.argsort(x[0])
-    assert torch.all(y[order][1:] >= y[order][:-1] - 1e-5)
+    assert torch.all(y[order][1:] >= y[order][:-1])
     for i in range(len(vals)):
         assert torch.all(y[x[0] == vals[i]] == y[i])
 
@@ -243,5 +239,5 @@ def test_bad_shapes_are_explained():
         transport_exact(torch.zeros(3), torch.zeros(1, 4))
     with pytest.raises(ValueError, match="channels"):
         transport_exact(torch.zeros(3, 5), torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="at least 3 nodes"):
-        lut_from_sample(torch.zeros(1, 5), torch.zeros(1, 4), 2)
+    with pytest.raises(ValueError, match="at least 2 nodes"):
+        lut_from_sample(torch.zeros(1, 5), torch.zeros(1, 4), 1)

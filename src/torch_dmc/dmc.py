@@ -29,7 +29,7 @@ from .sites import (
 )
 from .sketch import QuantileSketch, sample_channel_values
 from .stats_io import ReferenceStats
-from .transport import apply_lut, lut_from_sample, transport_exact, wasserstein1
+from .transport import apply_lut, lut_from_sample, lut_grid, transport_exact, wasserstein1
 
 __all__ = ["MODES", "fit", "DMC", "corrected", "shift_report", "format_shift_report"]
 
@@ -37,7 +37,7 @@ MODES = ("exact", "grid")
 """Ways of estimating the test distribution (DESIGN §1): full sort, or quantiles at knots."""
 
 DEFAULT_MODE = "grid"
-DEFAULT_KNOTS = 1024
+DEFAULT_KNOTS = 4096
 DEFAULT_GRID_SAMPLE = 4096
 
 
@@ -185,7 +185,8 @@ class DMC(nn.Module):
         stats: `ReferenceStats` fitted on this model (validated here).
         mode: ``"exact"`` (full sort, the reference implementation) or ``"grid"`` (the default:
             the test CDF ``F̂`` at ``knots`` uniform knots from a histogram of a random subsample,
-            the map ``x ↦ Q_ref(F̂(x))`` tabulated there and applied in one pass; see
+            the map ``x ↦ Q_ref(F̂(x))`` tabulated there, each value mapped by its nearest knot
+            in one pass; see
             `torch_dmc.transport.lut_from_sample`).
         strength: ``λ`` in ``[0, 1]`` for every site, or a dict of fnmatch pattern → ``λ`` (the last
             matching pattern wins; unmatched sites get 1). Sites with ``λ = 0`` are not hooked.
@@ -208,8 +209,8 @@ class DMC(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if knots < 3:
-            raise ValueError(f"knots must be at least 3, found {knots}")
+        if knots < 2:
+            raise ValueError(f"knots must be at least 2, found {knots}")
         stats.check(model)
         names = stats.sites
         if sites is not None:
@@ -227,6 +228,7 @@ class DMC(nn.Module):
         self.strengths = _resolve_strengths(names, strength)
         self._tables: dict[tuple[str, torch.device], Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._grids: dict[tuple, Tensor] = {}  # grid mode's sampling buffers, one per shape
         active = [n for n in names if self.strengths[n] > 0]
         self._handles = register_output_hooks(model, active, self._correct)
         self._removed = False
@@ -246,6 +248,13 @@ class DMC(nn.Module):
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
+
+    def _grid(self, output: Tensor, axis: int) -> Tensor:
+        """A reusable `lut_grid` buffer per activation shape."""
+        key = (tuple(output.shape), axis, output.device)
+        if key not in self._grids:
+            self._grids[key] = lut_grid(output.shape, axis, output.device)
+        return self._grids[key]
 
     def reset(self) -> None:
         """Restart grid mode's random sampling from ``seed`` (results become reproducible again)."""
@@ -268,7 +277,7 @@ class DMC(nn.Module):
             else:
                 values = output.movedim(axis, 0).reshape(c, n)
             lut = lut_from_sample(values, q, self.knots)
-            y = apply_lut(output, lut, axis)
+            y = apply_lut(output, lut, axis, self._grid(output, axis))
         lam = self.strengths[name]
         return y if lam == 1.0 else torch.lerp(output, y, lam)
 

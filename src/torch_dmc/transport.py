@@ -30,6 +30,7 @@ __all__ = [
     "wasserstein1",
     "Lut",
     "lut_from_sample",
+    "lut_grid",
     "apply_lut",
 ]
 
@@ -179,111 +180,82 @@ class Lut(NamedTuple):
     step: Tensor  # C
 
 
-def _bins(values: Tensor, origin: Tensor, step: Tensor, bins: int) -> Tensor:
-    """Bin index (``C×M`` int64 in ``[0, bins)``) of each value on the grid ``origin + j·step``."""
-    pos = ((values - origin.unsqueeze(1)) / step.unsqueeze(1)).floor_().clamp_(0, bins - 1)
-    return pos.long()
-
-
-def _histogram(bins: Tensor, weights: Tensor, n_bins: int) -> Tensor:
-    """Per-channel weighted counts ``C×n_bins`` of bin indices ``C×M``."""
-    c = bins.shape[0]
-    offsets = (torch.arange(c, device=bins.device) * n_bins).unsqueeze(1)
-    counts = torch.bincount((bins + offsets).flatten(), weights=weights.flatten(),
-                            minlength=c * n_bins)
-    return counts.view(c, n_bins)
-
-
 @torch.no_grad()
-def lut_from_sample(values: Tensor, q_ref: Tensor, size: int, atoms: int = 2,
-                    min_atom: float = 0.005) -> Lut:
+def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
     """Grid transport ``x ↦ Q_ref(F̂(x))`` tabulated on ``size`` uniform nodes per channel.
 
-    ``F̂`` is the piecewise-linear CDF of ``values`` through knots at the nodes, from a histogram
-    with ``size - 1`` equal bins spanning the values' range: no sort. With ``b_j`` of the ``M``
-    values below node ``j``, the node's level is ``b_j / M``, so that a value in the middle of its
-    bin gets ``(b_j + 1/2) / M``, its level in `transport_exact`; elsewhere in the bin the level
-    differs from the exact one by at most ``1 / (2M)`` plus the bin's other values' share.
-
-    Atoms (values repeated at least ``max(5, min_atom · M)`` times; up to ``atoms`` per channel,
-    heaviest first, each found as the first value of the heaviest remaining bin) get their
-    average-rank level ``(below + count / 2) / M``, as in `transport_exact`. The grid is shifted by
-    less than one bin so that the heaviest atom sits exactly on a node: it maps exactly, and so do
-    values beside it. A lighter atom cannot also sit on a node: both nodes of its bin take its level,
-    so it maps exactly while the few other values inside that one bin map to it too.
+    The nodes ``lo + j·step`` span the values' range ``[lo, hi]``. Every value belongs to its
+    nearest node's cell; with ``b_j`` of the ``M`` values in cells below node ``j`` and ``n_j`` in
+    its own, the node's level is the cell's average-rank level ``(b_j + n_j / 2) / M`` — exactly
+    `transport_exact`'s level for a cell that holds one value or one atom (equal values). No sort:
+    one histogram. A value's level thus differs from its exact one by at most half its cell's
+    share of the values; `apply_lut` looks values up at their nearest node, so equal inputs give
+    equal outputs and the map is monotone.
 
     Args:
         values: ``C×M`` values of the test batch per channel: all of them, or a random subsample
             (see `torch_dmc.sketch.sample_channel_values`; ``M`` sampled values add a rank error
             of order ``1/sqrt(M)``).
         q_ref: ``C×K`` reference quantile table.
-        size: nodes ``B >= 3`` per channel.
-        atoms: most atoms per channel handled exactly.
-        min_atom: smallest mass (fraction of ``M``) treated as an atom.
+        size: nodes ``B >= 2`` per channel.
 
     Returns:
         The `Lut` (``C×B`` table).
     """
     _check_matrix(values, "values")
-    if size < 3:
-        raise ValueError(f"a lookup table needs at least 3 nodes, found {size}")
+    if size < 2:
+        raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
     c, m = values.shape
-    values = values.float()
-    lo, hi = values.aminmax(dim=1)
-    step = (hi - lo) / (size - 2)  # size - 1 bins; one spare bin for the shift below
+    lo, hi = values.float().aminmax(dim=1)
+    step = (hi - lo) / (size - 1)
     step = torch.where(step > 0, step, torch.ones_like(step))
-    threshold = max(5.0, min_atom * m)
-
-    # find atoms, heaviest first, on the unshifted grid
-    bins = _bins(values, lo, step, size - 1)
-    remaining = torch.ones_like(values)
-    found = []  # (value C, count C, present C)
-    for _ in range(atoms):
-        top = _histogram(bins, remaining, size - 1).argmax(dim=1, keepdim=True)
-        first = ((bins == top) & (remaining > 0)).to(torch.uint8).argmax(dim=1, keepdim=True)
-        value = values.gather(1, first).squeeze(1)
-        members = (values == value.unsqueeze(1)) & (remaining > 0)
-        count = members.sum(dim=1).to(values.dtype)
-        present = count >= threshold
-        remaining = remaining * ~(members & present.unsqueeze(1))
-        found.append((value, torch.where(present, count, torch.zeros_like(count)), present))
-
-    # shift the grid so that the heaviest atom is a node
-    value0, _, present0 = found[0]
-    origin = torch.where(present0, lo + torch.remainder(value0 - lo, step) - step, lo - step / 2)
-    node = torch.arange(size, device=values.device).unsqueeze(0)
-    rest = _histogram(_bins(values, origin, step, size - 1), remaining, size - 1)
-    below = torch.cat([torch.zeros_like(rest[:, :1]), rest.cumsum(dim=1)], dim=1)  # C×B
-    atom_node = []
-    for i, (value, count, present) in enumerate(found):
-        pos = (value - origin) / step
-        pos = pos.round() if i == 0 else pos.floor()  # the heaviest atom is a node; others in a bin
-        k = torch.where(present, pos, -2).long().unsqueeze(1)
-        atom_node.append(k)
-        below = below + count.unsqueeze(1) * (node > k)  # an atom is below the nodes above it
-    level = below  # a value mid-bin then gets (b + 1/2) / M, its level in transport_exact
-    for i, (value, count, present) in enumerate(reversed(found)):  # heaviest last: it wins
-        k = atom_node[len(found) - 1 - i]
-        mid = (values < value.unsqueeze(1)).sum(dim=1, keepdim=True).to(values.dtype) \
-            + count.unsqueeze(1) / 2
-        at = (node == k) | ((node == k + 1) & (i < len(found) - 1))  # lighter atoms: both nodes
-        level = torch.where(at & present.unsqueeze(1), mid, level)
-    level = (level / m).clamp_(0.5 / m, 1 - 0.5 / m)
-    return Lut(interp_quantiles(q_ref, level), origin, step)
+    inv = (1 / step).unsqueeze(1)
+    cell = torch.addcmul(-lo.unsqueeze(1) * inv, values.float(), inv).round_().clamp_(0, size - 1)
+    offsets = (torch.arange(c, device=values.device) * size).unsqueeze(1)
+    counts = torch.bincount((cell.long() + offsets).flatten(), minlength=c * size)
+    counts = counts.view(c, size).to(torch.float32)
+    level = (counts.cumsum(dim=1) - counts / 2) / m  # (b_j + n_j / 2) / M
+    return Lut(interp_quantiles(q_ref, level), lo, step)
 
 
-def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1) -> Tensor:
+def _table_rows(channels: int) -> int:
+    """Rows of the table image: ``2^k + 1 >= C``, so that every row's coordinate is exact in float."""
+    return 1 if channels == 1 else 1 + (1 << (channels - 1).bit_length())
+
+
+def lut_grid(shape: tuple[int, ...] | torch.Size, channel_axis: int = 1,
+             device: torch.device | str | None = None) -> Tensor:
+    """A sampling-grid buffer for `apply_lut` on activations of ``shape``: ``shape × 2`` float32.
+
+    Its second coordinate (each value's table row, i.e. its channel) is filled here; `apply_lut`
+    only writes the first. Reusing one buffer across calls of the same shape saves a pass.
+    """
+    axis = channel_axis % len(shape)
+    c = shape[axis]
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    rows = _table_rows(c)
+    row = torch.arange(c, device=device, dtype=torch.float32) * (2 / max(rows - 1, 1)) - 1
+    grid = torch.empty(*shape, 2, device=device, dtype=torch.float32)
+    grid[..., 1] = row.view(bshape)
+    return grid
+
+
+def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = None) -> Tensor:
     """Apply a tabulated per-channel map to an activation of any layout, in one fused kernel.
 
-    The table is read with ``torch.nn.functional.grid_sample`` (bilinear, border padding): the
-    value's position in its channel's table is the horizontal coordinate and the channel's row
-    the vertical one, at an exact integer row so that no neighbouring channel leaks in. The
-    activation is never transposed.
+    Each value takes the table entry of its nearest node (values outside the table's range take
+    the end nodes'). The table is read with ``torch.nn.functional.grid_sample`` (nearest, border
+    padding): the value's position in its channel's table is the horizontal coordinate and the
+    channel's row the vertical one, at an exact row coordinate. The activation is never
+    transposed. The map is piecewise constant: its gradient with respect to ``x`` is zero, as for
+    `transport_exact`.
 
     Args:
         x: activation with ``C`` channels on ``channel_axis`` (e.g. ``N×C×H×W`` or ``N×T×C``).
         lut: the `Lut` (``C×B`` table).
         channel_axis: the channel axis of ``x``.
+        grid: optional buffer from `lut_grid` for this shape and axis, reused across calls.
 
     Returns:
         The mapped activation, shape and dtype of ``x``.
@@ -292,24 +264,22 @@ def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1) -> Tensor:
     c, b = lut.table.shape
     if x.shape[axis] != c:
         raise ValueError(f"x has {x.shape[axis]} channels on axis {axis}, the table has {c}")
-    rows = 1 if c == 1 else 1 + (1 << (c - 1).bit_length())  # 2^k + 1 rows: exact coordinates
+    rows = _table_rows(c)
     table = lut.table.to(torch.float32)
     if rows > c:
         table = torch.cat([table, table[-1:].expand(rows - c, b)])
     bshape = [1] * x.dim()
     bshape[axis] = c
-    scale = (2 / ((b - 1) * lut.step)).to(torch.float32)
-    shift = -lut.origin.to(torch.float32) * scale - 1
-    row = torch.arange(c, device=x.device, dtype=torch.float32) * (2 / max(rows - 1, 1)) - 1
-    if torch.is_grad_enabled() and x.requires_grad:  # differentiable: d/dx is the table's slope
-        grid = torch.stack([torch.addcmul(shift.view(bshape), x.float(), scale.view(bshape)),
-                            row.view(bshape).expand(x.shape)], dim=-1)
-    else:  # fast: write both coordinates in place, no intermediate tensors
-        grid = torch.empty(*x.shape, 2, device=x.device, dtype=torch.float32)
-        torch.addcmul(shift.view(bshape), x, scale.view(bshape), out=grid[..., 0])
-        grid[..., 1] = row.view(bshape)
-    width = x.shape[-1]
-    out = torch.nn.functional.grid_sample(
-        table.view(1, 1, rows, b), grid.view(1, -1, width, 2), mode="bilinear",
-        padding_mode="border", align_corners=True)
+    scale = (2 / ((b - 1) * lut.step)).to(torch.float32).view(bshape)
+    shift = -lut.origin.to(torch.float32).view(bshape) * scale - 1
+    if grid is None:
+        grid = lut_grid(x.shape, axis, x.device)
+    elif grid.shape != (*x.shape, 2):
+        raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(*x.shape, 2)}: "
+                         "make it with lut_grid(x.shape, channel_axis)")
+    with torch.no_grad():
+        torch.addcmul(shift, x.detach(), scale, out=grid[..., 0])
+        out = torch.nn.functional.grid_sample(
+            table.view(1, 1, rows, b), grid.view(1, -1, x.shape[-1], 2), mode="nearest",
+            padding_mode="border", align_corners=True)
     return out.view(x.shape).to(x.dtype)
