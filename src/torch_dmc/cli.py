@@ -144,13 +144,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark methods on corrupted data"))
     add_tune_arguments(sub.add_parser("tune", help="choose DMC options on validation corruptions"))
+    _add_perf(sub)
     runners = {"demo": _run_demo, "train": _run_train, "fit": _run_fit, "bench": run_bench,
-               "tune": run_tune}
-    try:
-        _add_perf(sub)
-        runners["perf"] = _run_perf
-    except ImportError:  # the perf module is optional until it lands
-        pass
+               "tune": run_tune, "perf": _run_perf}
     args = parser.parse_args(argv)
     return runners[args.command](args)
 

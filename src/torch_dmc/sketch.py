@@ -157,6 +157,8 @@ class QuantileSketch:
         self.kept_values = 0  # values kept per channel
         self.batches = 0
         self._counter: list[_Summary | None] = []
+        self._buffer: list[tuple[Tensor, float]] = []  # unsorted values and their mass each
+        self._buffered = 0
         self._min: Tensor | None = None
         self._max: Tensor | None = None
 
@@ -174,13 +176,13 @@ class QuantileSketch:
                 f"expected {self.channels} channels on axis {channel_axis}, found shape "
                 f"{tuple(act.shape)}")
         n = act.numel() // c
-        other_axes = [d for d in range(act.dim()) if d != channel_axis % act.dim()]
-        lo, hi = act.detach().amin(dim=other_axes), act.detach().amax(dim=other_axes)
+        act = act.detach()
+        lo, hi = _channel_extremes(act, channel_axis % act.dim())
         m = n if self.samples_per_batch is None else min(n, self.samples_per_batch)
         if m < n:
-            values = sample_channel_values(act.detach(), channel_axis, m, self.generator)
+            values = sample_channel_values(act, channel_axis, m, self.generator)
         else:
-            values = act.detach().movedim(channel_axis, 0).reshape(c, n)
+            values = act.movedim(channel_axis, 0).reshape(c, n)
         self._add(values, n, lo, hi, sample=False)
 
     def _add(self, x: Tensor, n: int, lo: Tensor, hi: Tensor, sample: bool) -> None:
@@ -189,14 +191,27 @@ class QuantileSketch:
             idx = torch.randint(n, (self.samples_per_batch,), generator=self.generator)
             x = x[:, idx.to(x.device)]
         m = x.shape[1]
-        values = x.sort(dim=1).values
-        masses = torch.full_like(values, n / m)
-        self._insert(_compress(_Summary(values, masses), self.capacity), height=0)
+        # buffer unsorted values; sort once per `capacity` of them (fewer, larger sorts)
+        self._buffer.append((x, n / m))
+        self._buffered += m
+        if self._buffered >= self.capacity:
+            self._flush()
         self._min = lo.float() if self._min is None else torch.minimum(self._min, lo.float())
         self._max = hi.float() if self._max is None else torch.maximum(self._max, hi.float())
         self.total_values += n
         self.kept_values += m
         self.batches += 1
+
+    def _flush(self) -> None:
+        """Turn the buffered values into one summary at height 0."""
+        if not self._buffer:
+            return
+        values = torch.cat([v for v, _ in self._buffer], dim=1)
+        masses = torch.cat([torch.full_like(v, w) for v, w in self._buffer], dim=1)
+        values, order = values.sort(dim=1)
+        summary = _Summary(values, masses.gather(1, order))
+        self._buffer, self._buffered = [], 0
+        self._insert(_compress(summary, self.capacity), height=0)
 
     def _insert(self, s: _Summary, height: int) -> None:
         while True:
@@ -215,6 +230,8 @@ class QuantileSketch:
         if other.channels != self.channels:
             raise ValueError(f"cannot merge a sketch of {other.channels} channels into one of "
                              f"{self.channels}")
+        self._flush()
+        other._flush()
         for height, s in enumerate(other._counter):
             if s is not None:
                 self._insert(s, height)
@@ -242,6 +259,7 @@ class QuantileSketch:
         """
         if levels < 2:
             raise ValueError(f"levels must be at least 2 (both endpoints), found {levels}")
+        self._flush()
         parts = [s for s in self._counter if s is not None]
         if not parts:
             raise RuntimeError("the sketch has seen no data: call update() first")
@@ -256,3 +274,9 @@ class QuantileSketch:
         t = torch.linspace(0, 1, levels, device=device).expand(c, -1)
         q = _interp_rows(xp, fp, t)
         return q.cummax(dim=1).values  # guard against rounding: a quantile table never decreases
+
+
+def _channel_extremes(act: Tensor, axis: int) -> tuple[Tensor, Tensor]:
+    """Per-channel minimum and maximum of an activation (``C`` each)."""
+    other = [d for d in range(act.dim()) if d != axis]
+    return act.amin(dim=other), act.amax(dim=other)

@@ -1,0 +1,269 @@
+"""``dmc perf`` / ``benchmarks/perf.py``: speed and memory of correction, as ratios (DESIGN §5).
+
+Every ratio is measured side by side in one process: the plain forward of the same model on the
+same batch and each method's forward run in interleaved repetitions; the median ratio is reported
+with its min–max over repetitions. Memory is the peak RSS of separate child processes (a plain pass
+and a fit over the same images, and a fit over 4× the images) and the bytes of the statistics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["add_perf_arguments", "run_perf", "time_ratios", "machine_info"]
+
+METHODS = ("bn", "tent", "dmc exact", "dmc grid", "dmc default")
+
+
+def machine_info() -> dict:
+    """CPU, threads and library versions of this process."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch_dmc
+
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "torch_dmc": torch_dmc.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def time_ratios(plain: Callable[[], object], contenders: dict[str, Callable[[], object]],
+                repeats: int = 7, warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Median (min, max) of ``time(contender) / time(plain)`` over interleaved repetitions.
+
+    Each repetition times the plain call and then every contender once, so slow drifts of a shared
+    machine hit all of them alike.
+
+    Returns:
+        ``{name: {"median": r, "min": r, "max": r, "plain_ms": t}}``.
+    """
+    for _ in range(warmup):
+        plain()
+        for f in contenders.values():
+            f()
+    ratios: dict[str, list[float]] = {k: [] for k in contenders}
+    plain_times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        plain()
+        base = time.perf_counter() - t0
+        plain_times.append(base)
+        for name, f in contenders.items():
+            t0 = time.perf_counter()
+            f()
+            ratios[name].append((time.perf_counter() - t0) / base)
+    plain_ms = statistics.median(plain_times) * 1000
+    return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "plain_ms": plain_ms}
+            for k, v in ratios.items()}
+
+
+def _methods(model: nn.Module, stats) -> dict[str, nn.Module]:
+    from ..methods import build
+
+    return {
+        "bn": build("bn", model),
+        "tent": build("tent", model),
+        "dmc exact": build("dmc", model, stats, mode="exact"),
+        "dmc grid": build("dmc", model, stats, mode="grid"),
+        "dmc default": build("dmc", model, stats),
+    }
+
+
+def _forward_ratios(model: nn.Module, stats, x: torch.Tensor, repeats: int) -> dict:
+    methods = _methods(model, stats)
+
+    def call(m):
+        def f():
+            with torch.no_grad():
+                return m(x)
+        return f
+
+    contenders = {name: call(m) for name, m in methods.items()}
+    contenders["tent"] = lambda: methods["tent"](x)  # tent needs gradients
+    return time_ratios(call(model), contenders, repeats=repeats)
+
+
+def _fmnist_case(batch_sizes: list[int], fit_images: int, repeats: int) -> dict:
+    from .. import fit
+    from ..data.arrays import batches, to_tensor
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..models import load_default
+
+    data = load_fashion_mnist()
+    model = load_default()
+    train = to_tensor(data.x_train[:fit_images])
+    stats = fit(model, batches(train, None, 200), progress=False)
+    out = {"stats_bytes": stats.nbytes(), "sites": len(stats.sites), "levels": stats.levels}
+    test = to_tensor(data.x_test)
+    for b in batch_sizes:
+        out[f"batch {b}"] = _forward_ratios(model, stats, test[:b], repeats)
+    return out
+
+
+def _sample_photos(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """``n`` random ``size×size`` crops of scikit-image's sample photos, in ``[0, 1]``."""
+    import skimage.data as sk
+
+    photos = [sk.astronaut(), sk.coffee(), sk.chelsea(), sk.rocket(), sk.immunohistochemistry()]
+    g = torch.Generator().manual_seed(seed)
+    crops = []
+    for i in range(n):
+        img = torch.from_numpy(photos[i % len(photos)].copy()).permute(2, 0, 1).float() / 255
+        h, w = img.shape[1:]
+        s = int(torch.randint(min(h, w) // 2, min(h, w) + 1, (1,), generator=g))
+        top = int(torch.randint(0, h - s + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - s + 1, (1,), generator=g))
+        crop = img[:, top:top + s, left:left + s].unsqueeze(0)
+        crops.append(nn.functional.interpolate(crop, size=(size, size), mode="bilinear",
+                                               align_corners=False))
+    return torch.cat(crops)
+
+
+def _efficientnet_case(batch: int, repeats: int) -> dict:
+    from .. import fit
+    from ..models.efficientnet import load_efficientnet_lite0
+
+    model = load_efficientnet_lite0()
+    photos = _sample_photos(8 * batch)
+    stats = fit(model, photos.split(batch), progress=False)
+    x = _sample_photos(batch, seed=1)
+    out = {"stats_bytes": stats.nbytes(), "sites": len(stats.sites), "levels": stats.levels}
+    out[f"batch {batch}"] = _forward_ratios(model, stats, x, repeats)
+    return out
+
+
+def _fit_vs_pass(images: int, repeats: int) -> dict:
+    """Time of ``fit`` over ``images`` training images against one plain pass over them."""
+    from .. import fit
+    from ..data.arrays import batches, to_tensor
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..models import load_default
+
+    model = load_default()
+    x = to_tensor(load_fashion_mnist().x_train[:images])
+
+    def plain():
+        with torch.inference_mode():
+            for b in batches(x, None, 200):
+                model(b)
+
+    def fitting():
+        fit(model, batches(x, None, 200), progress=False)
+
+    return time_ratios(plain, {"fit": fitting}, repeats=repeats, warmup=1)["fit"]
+
+
+def _child_peak_rss(task: str, images: int) -> float:
+    """Peak RSS (MB) of a fresh process running ``task`` over ``images`` training images."""
+    code = (
+        "import resource, torch\n"
+        "from torch_dmc import fit\n"
+        "from torch_dmc.data.arrays import batches, to_tensor\n"
+        "from torch_dmc.data.fashion_mnist import load_fashion_mnist\n"
+        "from torch_dmc.models import load_default\n"
+        "model = load_default()\n"
+        "raw = load_fashion_mnist().x_train\n"
+        f"n = {images}\n"
+        "def chunks():\n"
+        "    for i in range(0, n, 200):\n"
+        "        yield to_tensor(raw[i % len(raw):i % len(raw) + 200])\n"
+        f"if {task!r} == 'fit':\n"
+        "    fit(model, chunks(), progress=False)\n"
+        "else:\n"
+        "    with torch.inference_mode():\n"
+        "        for b in chunks(): model(b)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _fmt(r: dict) -> str:
+    return f"{r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"
+
+
+def render(results: dict) -> str:
+    """The results as Markdown tables."""
+    lines = [f"Machine: {results['machine']['cpu']}, {results['machine']['torch_threads']} torch "
+             f"threads, torch {results['machine']['torch']}.", ""]
+    cases = [(k, v) for k, v in results["forward"].items()]
+    header = "| model | batch | plain (ms) | " + " | ".join(METHODS) + " |"
+    lines += ["Forward time relative to the plain forward (median, min–max over interleaved "
+              "repetitions):", "", header, "|---|---:|---:|" + "---:|" * len(METHODS)]
+    for model_name, case in cases:
+        for key, ratios in case.items():
+            if not key.startswith("batch "):
+                continue
+            plain_ms = next(iter(ratios.values()))["plain_ms"]
+            cells = " | ".join(_fmt(ratios[m]) for m in METHODS)
+            lines.append(f"| {model_name} | {key[6:]} | {plain_ms:.1f} | {cells} |")
+    f = results["fit"]
+    lines += ["", f"`fit` over {f['images']} training images: {_fmt(f['ratio'])} the time of one "
+              "plain inference pass over them.", "",
+              "| peak RSS of a process (MB) | value |", "|---|---:|"]
+    for k, v in results["memory"].items():
+        lines.append(f"| {k} | {v:.0f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(lines)
+
+
+def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``dmc perf`` flags to ``parser``."""
+    parser.add_argument("--out", default="results/perf", help="folder for perf.json and perf.md")
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--fit-images", type=int, default=10000,
+                        help="training images for fit timing and the stats")
+    parser.add_argument("--skip-efficientnet", action="store_true",
+                        help="only the Fashion-MNIST model")
+
+
+def run_perf(args) -> int:
+    """Run every measurement, print the tables, write ``perf.json`` and ``perf.md``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"machine": machine_info(), "command": " ".join(sys.argv), "forward": {}}
+    print("Fashion-MNIST SmallResNet …", flush=True)
+    results["forward"]["fmnist-resnet"] = _fmnist_case([200, 16], args.fit_images, args.repeats)
+    if not args.skip_efficientnet:
+        print("EfficientNet-Lite0 …", flush=True)
+        results["forward"]["efficientnet-lite0 224²"] = _efficientnet_case(16, args.repeats)
+    print("fit vs plain pass …", flush=True)
+    results["fit"] = {"images": args.fit_images,
+                      "ratio": _fit_vs_pass(args.fit_images, max(3, args.repeats // 2))}
+    n = args.fit_images
+    results["memory"] = {
+        f"plain pass, {n} images": _child_peak_rss("plain", n),
+        f"fit, {n} images": _child_peak_rss("fit", n),
+        f"fit, {4 * n} images": _child_peak_rss("fit", 4 * n),
+        "stats bytes (Fashion-MNIST model)": results["forward"]["fmnist-resnet"]["stats_bytes"],
+    }
+    if not args.skip_efficientnet:
+        results["memory"]["stats bytes (EfficientNet-Lite0)"] = \
+            results["forward"]["efficientnet-lite0 224²"]["stats_bytes"]
+    results["this_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    text = render(results)
+    print(text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "perf.json").write_text(json.dumps(results, indent=2))
+    (out / "perf.md").write_text(f"Command: `{results['command']}`\n\n{text}\n")
+    return 0
