@@ -254,3 +254,27 @@ def test_interp_helper_matches_numpy():
     u = torch.tensor([[0.1, 0.6]])
     np.testing.assert_allclose(interp_quantiles(q, u)[0].numpy(),
                                np.interp([0.1, 0.6], [0, 0.5, 1], [0, 2, 3]), rtol=1e-6)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["exact", "grid"])
+def test_every_device_gives_the_cpu_result(model_and_stats, device, mode):
+    model, stats = model_and_stats
+    x = distorted(source_images(64, seed=11), 6)
+    with dmc.corrected(model, stats, mode=mode) as m:
+        expected = m(x)
+    moved = bn_cnn().to(device)
+    moved.load_state_dict(model.state_dict())
+    fitted = dmc.fit(moved, [(source_images(64, seed=i).to(device), None) for i in range(12)],
+                     levels=257, progress=False)
+    for s in stats.sites:
+        torch.testing.assert_close(fitted.quantiles[s], stats.quantiles[s], atol=1e-4, rtol=1e-4)
+    with dmc.corrected(moved, fitted.to(device), mode=mode) as m:
+        out = m(x.to(device)).cpu()
+    if mode == "exact" or device == "cpu":
+        torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
+    else:  # grid mode samples with the device's own random generator
+        assert float((out - expected).abs().mean()) < 0.05 * float(expected.abs().mean())
