@@ -102,14 +102,20 @@ def _forward_ratios(model: nn.Module, stats, x: torch.Tensor, repeats: int) -> d
     return time_ratios(call(model), contenders, repeats=repeats)
 
 
-def _fmnist_case(batch_sizes: list[int], fit_images: int, repeats: int) -> dict:
+def _load_model(directory: str | None) -> nn.Module:
+    from .runner import resolve_model
+
+    return resolve_model(directory).model
+
+
+def _fmnist_case(model_dir: str | None, batch_sizes: list[int], fit_images: int,
+                 repeats: int) -> dict:
     from .. import fit
     from ..data.arrays import batches, to_tensor
     from ..data.fashion_mnist import load_fashion_mnist
-    from ..models import load_default
 
     data = load_fashion_mnist()
-    model = load_default()
+    model = _load_model(model_dir)
     train = to_tensor(data.x_train[:fit_images])
     stats = fit(model, batches(train, None, 200), progress=False)
     out = {"stats_bytes": stats.nbytes(), "sites": len(stats.sites), "levels": stats.levels}
@@ -151,14 +157,13 @@ def _efficientnet_case(batch: int, repeats: int) -> dict:
     return out
 
 
-def _fit_vs_pass(images: int, repeats: int) -> dict:
+def _fit_vs_pass(model_dir: str | None, images: int, repeats: int) -> dict:
     """Time of ``fit`` over ``images`` training images against one plain pass over them."""
     from .. import fit
     from ..data.arrays import batches, to_tensor
     from ..data.fashion_mnist import load_fashion_mnist
-    from ..models import load_default
 
-    model = load_default()
+    model = _load_model(model_dir)
     x = to_tensor(load_fashion_mnist().x_train[:images])
 
     def plain():
@@ -172,15 +177,15 @@ def _fit_vs_pass(images: int, repeats: int) -> dict:
     return time_ratios(plain, {"fit": fitting}, repeats=repeats, warmup=1)["fit"]
 
 
-def _child_peak_rss(task: str, images: int) -> float:
+def _child_peak_rss(model_dir: str | None, task: str, images: int) -> float:
     """Peak RSS (MB) of a fresh process running ``task`` over ``images`` training images."""
     code = (
         "import resource, torch\n"
         "from torch_dmc import fit\n"
         "from torch_dmc.data.arrays import batches, to_tensor\n"
         "from torch_dmc.data.fashion_mnist import load_fashion_mnist\n"
-        "from torch_dmc.models import load_default\n"
-        "model = load_default()\n"
+        "from torch_dmc.bench.runner import resolve_model\n"
+        f"model = resolve_model({model_dir!r}).model\n"
         "raw = load_fashion_mnist().x_train\n"
         f"n = {images}\n"
         "def chunks():\n"
@@ -228,6 +233,8 @@ def render(results: dict) -> str:
 def add_perf_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``dmc perf`` flags to ``parser``."""
     parser.add_argument("--out", default="results/perf", help="folder for perf.json and perf.md")
+    parser.add_argument("--model", default=None, metavar="DIR",
+                        help="Fashion-MNIST model folder (default: the shipped model)")
     parser.add_argument("--repeats", type=int, default=7, help="interleaved repetitions")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--fit-images", type=int, default=10000,
@@ -240,20 +247,24 @@ def run_perf(args) -> int:
     """Run every measurement, print the tables, write ``perf.json`` and ``perf.md``."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model is not None:
+        args.model = str(Path(args.model).resolve())  # child processes may run elsewhere
     results: dict = {"machine": machine_info(), "command": " ".join(sys.argv), "forward": {}}
     print("Fashion-MNIST SmallResNet …", flush=True)
-    results["forward"]["fmnist-resnet"] = _fmnist_case([200, 16], args.fit_images, args.repeats)
+    results["forward"]["fmnist-resnet"] = _fmnist_case(args.model, [200, 16], args.fit_images,
+                                                     args.repeats)
     if not args.skip_efficientnet:
         print("EfficientNet-Lite0 …", flush=True)
         results["forward"]["efficientnet-lite0 224²"] = _efficientnet_case(16, args.repeats)
     print("fit vs plain pass …", flush=True)
     results["fit"] = {"images": args.fit_images,
-                      "ratio": _fit_vs_pass(args.fit_images, max(3, args.repeats // 2))}
+                      "ratio": _fit_vs_pass(args.model, args.fit_images,
+                                                   max(3, args.repeats // 2))}
     n = args.fit_images
     results["memory"] = {
-        f"plain pass, {n} images": _child_peak_rss("plain", n),
-        f"fit, {n} images": _child_peak_rss("fit", n),
-        f"fit, {4 * n} images": _child_peak_rss("fit", 4 * n),
+        f"plain pass, {n} images": _child_peak_rss(args.model, "plain", n),
+        f"fit, {n} images": _child_peak_rss(args.model, "fit", n),
+        f"fit, {4 * n} images": _child_peak_rss(args.model, "fit", 4 * n),
         "stats bytes (Fashion-MNIST model)": results["forward"]["fmnist-resnet"]["stats_bytes"],
     }
     if not args.skip_efficientnet:

@@ -1,0 +1,232 @@
+"""Results as tidy rows: the ``results.csv`` schema, appending, reading, and the summary means.
+
+``results.csv`` has one row per cell, columns :data:`COLUMNS`:
+``method, corruption, severity, batch_size, seed`` (the cell), ``n`` (images), ``n_wrong``
+(top-1 mistakes) and ``error`` (``100 * n_wrong / n``, %, 4 decimals). Rows are a pure function of
+the protocol, so two runs of one protocol give identical files (up to row order under ``--resume``).
+Timings go to ``timings.csv`` (same key columns plus ``seconds``), which is not deterministic.
+
+Aggregation (every mean is unweighted): seeds are averaged first, within a cell key
+``(method, corruption, severity, batch_size)``; then corruptions; then severities. So a severity run
+with more seeds does not weigh more, and every corruption counts equally.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from .protocol import CLEAN, Cell
+
+__all__ = [
+    "COLUMNS",
+    "TIMING_COLUMNS",
+    "ResultsWriter",
+    "read_results",
+    "done_cells",
+    "seed_means",
+    "Summary",
+]
+
+COLUMNS: tuple[str, ...] = (
+    "method",
+    "corruption",
+    "severity",
+    "batch_size",
+    "seed",
+    "n",
+    "n_wrong",
+    "error",
+)
+TIMING_COLUMNS: tuple[str, ...] = (
+    "method",
+    "corruption",
+    "severity",
+    "batch_size",
+    "seed",
+    "seconds",
+)
+
+_INT = ("severity", "batch_size", "seed", "n", "n_wrong")
+
+
+def error_percent(n_wrong: int, n: int) -> float:
+    """Top-1 error in %, rounded to 4 decimals (the value written to the CSV)."""
+    return round(100.0 * n_wrong / n, 4)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line without its newline (a write interrupted by a crash) off the file."""
+    with open(path, "rb+") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - 1))
+        if size == 0 or fh.read(1) == b"\n":
+            return
+        fh.seek(0)
+        data = fh.read()
+        fh.truncate(data.rfind(b"\n") + 1)
+
+
+class ResultsWriter:
+    """Appends rows to a CSV file, writing the header when the file is new; flushes every row.
+
+    A last line cut off by a crash (no final newline) is removed before appending.
+
+    Args:
+        path: the CSV file.
+        columns: the header.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str] = COLUMNS) -> None:
+        self.path = Path(path)
+        self.columns = tuple(columns)
+        if self.path.is_file():
+            _drop_partial_line(self.path)
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        if not new:
+            with open(self.path, newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if tuple(header or ()) != self.columns:
+                raise ValueError(
+                    f"{self.path} has columns {header}; expected {list(self.columns)}. It was "
+                    f"written by another version or tool: use a new --out folder."
+                )
+        self._fh = open(self.path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._writer = csv.writer(self._fh, lineterminator="\n")
+        if new:
+            self._writer.writerow(self.columns)
+            self._flush()
+
+    def _flush(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def write(self, row: dict) -> None:
+        """Append one row (a dict with every column) and flush it to disk."""
+        self._writer.writerow([row[c] for c in self.columns])
+        self._flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_results(path: str | Path) -> list[dict]:
+    """Read ``results.csv`` into dicts with typed values; a missing file gives ``[]``.
+
+    A last line cut off by an interrupted write is ignored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(
+                f"{path} lacks column(s) {missing}; expected {list(COLUMNS)}: not a torch-dmc results file?"
+            )
+        for raw in reader:
+            try:
+                row = {c: raw[c] for c in COLUMNS}
+                for c in _INT:
+                    row[c] = int(row[c])
+                row["error"] = float(row["error"])
+            except (TypeError, ValueError):
+                continue  # a partial last line
+            rows.append(row)
+    return rows
+
+
+def row_cell(row: dict) -> Cell:
+    """The cell key of a row."""
+    return Cell(row["method"], row["corruption"], row["severity"], row["batch_size"], row["seed"])
+
+
+def done_cells(rows: Iterable[dict]) -> set[Cell]:
+    """The cells that have a row."""
+    return {row_cell(r) for r in rows}
+
+
+def seed_means(rows: Iterable[dict]) -> dict[tuple[str, str, int, int], float]:
+    """Mean error over seeds per ``(method, corruption, severity, batch_size)``."""
+    acc: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        acc[(r["method"], r["corruption"], r["severity"], r["batch_size"])].append(r["error"])
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+class Summary:
+    """The means a report shows, computed from results rows.
+
+    Args:
+        rows: rows of ``results.csv`` (:func:`read_results`).
+        methods: method order (default: order of first appearance).
+        corruptions: corruption order (default: order of first appearance).
+
+    Attributes:
+        methods, corruptions, severities, batch_sizes: what the rows hold, in order.
+        cell: ``(method, corruption, severity, batch_size)`` → mean error over seeds.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[dict],
+        methods: Sequence[str] | None = None,
+        corruptions: Sequence[str] | None = None,
+    ) -> None:
+        def order(key: str, given: Sequence | None) -> list:
+            seen = list(dict.fromkeys(r[key] for r in rows))
+            if given is None:
+                return seen
+            return [g for g in given if g in seen] + [s for s in seen if s not in given]
+
+        self.methods: list[str] = order("method", methods)
+        self.corruptions: list[str] = [c for c in order("corruption", corruptions) if c != CLEAN]
+        self.severities: list[int] = sorted({r["severity"] for r in rows if r["severity"] > 0})
+        self.batch_sizes: list[int] = sorted({r["batch_size"] for r in rows})
+        self.cell = seed_means(rows)
+
+    @property
+    def top_severity(self) -> int | None:
+        """The highest corrupted severity present (5 in a full run)."""
+        return self.severities[-1] if self.severities else None
+
+    def error(self, method: str, corruption: str, severity: int, batch_size: int) -> float | None:
+        """Mean over seeds of one cell, or ``None`` if it did not run."""
+        return self.cell.get((method, corruption, severity, batch_size))
+
+    def clean(self, method: str, batch_size: int) -> float | None:
+        """Clean error (mean over seeds)."""
+        return self.error(method, CLEAN, 0, batch_size)
+
+    def severity_mean(self, method: str, severity: int, batch_size: int) -> float | None:
+        """Mean over corruptions at one severity (only over corruptions present)."""
+        vals = [self.error(method, c, severity, batch_size) for c in self.corruptions]
+        return _mean([v for v in vals if v is not None])
+
+    def overall_mean(self, method: str, batch_size: int) -> float | None:
+        """Mean over severities of the per-severity means (all corrupted cells, clean excluded)."""
+        vals = [self.severity_mean(method, s, batch_size) for s in self.severities]
+        return _mean([v for v in vals if v is not None])
+
+    def relative(self, method: str, batch_size: int, baseline: str = "source") -> float | None:
+        """``overall_mean(method) / overall_mean(baseline)`` in % (100: as good as it)."""
+        a, b = self.overall_mean(method, batch_size), self.overall_mean(baseline, batch_size)
+        if a is None or b is None or b == 0:
+            return None
+        return 100.0 * a / b

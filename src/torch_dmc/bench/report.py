@@ -1,0 +1,239 @@
+"""``report.md``: the tables of a results folder, computed from ``results.csv`` and ``config.json``.
+
+Tables (all errors are top-1 in %, seeds averaged first; the lowest value of a row in bold):
+
+1. summary per method: clean error, mean at the top severity (5), mean over all severities, and the
+   difference and ratio to ``source``;
+2. per corruption at the top severity, methods as columns;
+3. mean over corruptions per severity;
+4. mean over all corrupted cells per batch size (when several were run).
+
+Tables 1–3 use the first batch size of the protocol (the "primary" one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .metrics import Summary, read_results
+
+__all__ = ["render_report", "write_report", "finish"]
+
+
+def _fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def _row(label: str, values: Sequence[float | None], *, bold_min: bool = True, digits: int = 2) -> str:
+    present = [v for v in values if v is not None]
+    best = min(present) if (present and bold_min and len(present) > 1) else None
+    cells = [f"**{_fmt(v, digits)}**" if best is not None and v == best else _fmt(v, digits) for v in values]
+    return "| " + " | ".join([label, *cells]) + " |"
+
+
+def _table(header: Sequence[str], rows: list[str]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|",
+        *rows,
+    ]
+
+
+def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> str:
+    """The Markdown text of ``report.md``.
+
+    Args:
+        rows: results rows (:func:`~torch_dmc.bench.metrics.read_results`).
+        config: the folder's ``config.json`` content.
+        plots: PNG file names to link at the end.
+    """
+    protocol = config.get("protocol", {})
+    summary = Summary(rows, protocol.get("methods"), protocol.get("corruptions"))
+    methods = summary.methods
+    bs_list = protocol.get("batch_sizes") or summary.batch_sizes
+    bs = next((b for b in bs_list if b in summary.batch_sizes), bs_list[0] if bs_list else None)
+    top = summary.top_severity
+    regime = "continual" if protocol.get("continual") else "episodic"
+
+    lines = [
+        f"# DMC benchmark: {config.get('data', {}).get('name', '?')}",
+        "",
+        "```",
+        config.get("command", ""),
+        "```",
+        "",
+    ]
+    if config.get("explicit_command"):
+        lines += [
+            "Same protocol, every option explicit:",
+            "",
+            "```",
+            config["explicit_command"],
+            "```",
+            "",
+        ]
+    data, model, stats = config.get("data", {}), config.get("model", {}), config.get("stats")
+    versions, git = config.get("versions", {}), config.get("git")
+    mach = config.get("machine", {})
+    n_seeds = len(protocol.get("seeds", []))
+    lines += [
+        f"- Protocol: {regime}; {data.get('n_test', '?')} test images; corruptions "
+        f"{', '.join(summary.corruptions) or '–'}; severities "
+        f"{', '.join(map(str, summary.severities)) or '–'} (clean = 0); batch sizes "
+        f"{', '.join(map(str, summary.batch_sizes))}; {n_seeds} stream seed(s) "
+        f"{protocol.get('seeds')}"
+        + (
+            ""
+            if n_seeds < 2
+            else " at every severity"
+            if protocol.get("all_seeds_at") is None
+            else f" at severities {protocol.get('all_seeds_at')} (0 = clean), the first seed elsewhere"
+        )
+        + "; "
+        f"corruption generation seed {protocol.get('gen_seed')}.",
+        f"- Model: {model.get('source')} ({model.get('class')}, {model.get('parameters')} "
+        f"parameters); files "
+        + (", ".join(f"{k} sha256 {v[:12]}…" for k, v in model.get("files_sha256", {}).items()) or "–")
+        + ".",
+    ]
+    if stats:
+        fit = stats.get("fit_info", {})
+        lines.append(
+            f"- DMC stats: {len(stats.get('sites', []))} sites, K = {stats.get('levels')}, "
+            f"fitted on {fit.get('images', protocol.get('fit_images') or 'all')} training images; "
+            f"checksum {stats.get('checksum', '')[:12]}…."
+        )
+    lines.append(
+        f"- torch-dmc {versions.get('torch-dmc')}, torch {versions.get('torch')}, "
+        f"imagecorruptions-imaug {versions.get('imagecorruptions-imaug')}; git "
+        + (f"{git['commit'][:12]}{' (dirty)' if git.get('dirty') else ''}" if git else "–")
+        + f"; {mach.get('platform')}, {mach.get('cpu_count')} CPUs, "
+        f"{mach.get('torch_threads')} torch threads; wall time {config.get('wall_s', '?')} s."
+    )
+    lines.append("")
+
+    if bs is None or not methods:
+        lines += ["No results yet.", ""]
+        return "\n".join(lines)
+
+    # 1. summary
+    ref = "source" if "source" in methods else None
+    header = [
+        "method",
+        "clean",
+        f"mean sev {top}" if top else "mean sev –",
+        "mean sev 1–5" if summary.severities == [1, 2, 3, 4, 5] else "mean all sev",
+    ]
+    if ref:
+        header += ["Δ vs source (pp)", "rel. to source (%)"]
+    body = []
+    for m in methods:
+        vals = [
+            summary.clean(m, bs),
+            summary.severity_mean(m, top, bs) if top else None,
+            summary.overall_mean(m, bs),
+        ]
+        cells = [_fmt(v) for v in vals]
+        if ref:
+            a, b = summary.overall_mean(m, bs), summary.overall_mean(ref, bs)
+            cells += [
+                _fmt(None if a is None or b is None else a - b, 2),
+                _fmt(summary.relative(m, bs, ref), 1),
+            ]
+        body.append("| " + " | ".join([m, *cells]) + " |")
+    lines += [f"## Summary (batch size {bs}, top-1 error %)", "", *_table(header, body), ""]
+
+    # 2. per corruption at the top severity
+    if top is not None:
+        body = [_row(c, [summary.error(m, c, top, bs) for m in methods]) for c in summary.corruptions]
+        body.append(_row("**mean**", [summary.severity_mean(m, top, bs) for m in methods]))
+        lines += [
+            f"## Severity {top}, per corruption (batch size {bs}, mean over seeds)",
+            "",
+            *_table(["corruption", *methods], body),
+            "",
+        ]
+
+    # 3. per severity
+    body = [_row("0 (clean)", [summary.clean(m, bs) for m in methods])]
+    body += [_row(str(s), [summary.severity_mean(m, s, bs) for m in methods]) for s in summary.severities]
+    body.append(
+        _row(
+            "**mean 1–5**" if summary.severities == [1, 2, 3, 4, 5] else "**mean**",
+            [summary.overall_mean(m, bs) for m in methods],
+        )
+    )
+    lines += [
+        f"## Mean over corruptions per severity (batch size {bs})",
+        "",
+        *_table(["severity", *methods], body),
+        "",
+    ]
+
+    # 4. batch size
+    if len(summary.batch_sizes) > 1:
+        body = [_row(str(b), [summary.overall_mean(m, b) for m in methods]) for b in summary.batch_sizes]
+        lines += [
+            "## Mean over all corrupted cells per batch size",
+            "",
+            *_table(["batch size", *methods], body),
+            "",
+        ]
+        body = [_row(str(b), [summary.clean(m, b) for m in methods]) for b in summary.batch_sizes]
+        lines += ["## Clean error per batch size", "", *_table(["batch size", *methods], body), ""]
+
+    # methods
+    lines += ["## Methods", ""]
+    for m in methods:
+        info = config.get("methods", {}).get(m, {})
+        opts = json.dumps(info.get("options", {}), ensure_ascii=False)
+        lines.append(f"- **{m}** `{opts}`: {info.get('definition', '')}")
+    lines.append("")
+    notes = config.get("protocol_notes")
+    if notes:
+        lines += ["## How to read the numbers", ""]
+        lines += [f"- {k}: {v}." for k, v in notes.items()]
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, config: dict | None = None, plots: Sequence[str] = ()) -> Path:
+    """Write ``out/report.md`` from ``out/results.csv`` and ``out/config.json``."""
+    out = Path(out)
+    if config is None:
+        config = json.loads((out / "config.json").read_text())
+    rows = read_results(out / "results.csv")
+    path = out / "report.md"
+    path.write_text(render_report(rows, config, plots))
+    return path
+
+
+def finish(
+    out: str | Path,
+    config: dict | None = None,
+    *,
+    plots: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the plots (if ``plots``) and ``report.md`` of a results folder; returns its path."""
+    from .plots import write_plots
+
+    out = Path(out)
+    if config is None:
+        config = json.loads((out / "config.json").read_text())
+    rows = read_results(out / "results.csv")
+    names: list[str] = []
+    if plots:
+        try:
+            names = write_plots(rows, config, out)
+        except ImportError as err:
+            log(f"no plots: {err}")
+    path = write_report(out, config, names)
+    log(f"wrote {path}")
+    return path

@@ -1,0 +1,545 @@
+"""Run a :class:`~torch_dmc.bench.protocol.Protocol`: fit stats, stream every cell, write.
+
+The results folder:
+
+- ``results.csv``: one row per finished cell, appended and flushed as soon as the cell is done
+  (schema in :mod:`torch_dmc.bench.metrics`); ``--resume`` skips the cells it already holds;
+- ``timings.csv``: seconds per cell (not deterministic, hence apart);
+- ``config.json``: the protocol, the methods' definitions and resolved options, data, model and
+  stats checksums, package versions, git commit, machine and wall time of every session;
+- ``stats.safetensors``: the DMC reference statistics (reused by ``--resume``);
+- ``report.md`` and the PNG plots, written by :func:`finish` from ``results.csv``.
+
+Every method is built afresh from the model for every unit of work, which is a reset (and also
+restarts the random generator of DMC's grid mode, so a cell's value does not depend on which cells
+ran before it in the process: a resumed run gives the same rows as an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shlex
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import methods as methods_mod
+from ..data import arrays, corruptions
+from . import provenance
+from .metrics import COLUMNS, TIMING_COLUMNS, ResultsWriter, done_cells, error_percent, read_results
+from .protocol import CLEAN, Protocol, Unit, pending
+
+__all__ = [
+    "PROTOCOL_NOTES",
+    "ResolvedModel",
+    "resolve_model",
+    "resolve_data",
+    "fit_stats",
+    "obtain_stats",
+    "stream_errors",
+    "run_benchmark",
+    "write_json",
+]
+
+#: How to read the numbers; copied into ``config.json``.
+PROTOCOL_NOTES: dict[str, str] = {
+    "error": "top-1 error in % of the cell's n images (argmax of the logits vs the label)",
+    "images": "the first n_test test images; a corrupted image is a pure function of "
+    "(gen_seed, corruption, severity, index), so every method and seed sees the same images",
+    "stream": "a seed permutes the order of the images (torch.randperm with a torch.Generator "
+    "seeded with the seed); batches are consecutive slices of that order, the last one smaller",
+    "episodic": "a fresh method (the model reset) for every (method, corruption, severity, "
+    "batch_size, seed) cell",
+    "continual": "for every (method, severity, batch_size, seed): one stream through all "
+    "corruptions in the listed order without reset; a corruption's images form their own batches "
+    "and its segment of the stream is one cell; clean cells stay episodic",
+    "clean": "corruption 'clean', severity 0: the test images unchanged; always run",
+    "means": "seeds averaged first per cell, then corruptions, then severities (all unweighted)",
+    "fit": "DMC reference statistics fitted with torch_dmc.fit(sites='norm') on fit_images "
+    "training images (all, or a random subset drawn with fit_seed), batches of 500",
+    "inference": "every method runs under torch.inference_mode except those with an optimizer "
+    "(tent), which compute gradients themselves",
+}
+
+
+# -- inputs --
+@dataclasses.dataclass
+class ResolvedModel:
+    """A loaded model and where it came from."""
+
+    model: nn.Module
+    source: str
+    files: dict[str, str]  # file name -> SHA-256
+
+
+def _weights_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.glob("*")) if p.is_file() and p.suffix in (".safetensors", ".json")]
+
+
+def resolve_model(path: str | os.PathLike | None) -> ResolvedModel:
+    """Load the benchmark's model: a folder written by ``dmc train``, or the shipped default.
+
+    Returns:
+        The model in eval mode and the SHA-256 of its weight and config files.
+    """
+    from .. import models
+
+    if path is None:
+        model = models.load_default()
+        files = [Path(p) for p in models.default_files()]
+        source = "default"
+    else:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"--model {folder}: no such folder; expected a model folder written by `dmc train`."
+            )
+        model = models.load_model(folder)
+        files = _weights_files(folder)
+        source = str(folder)
+    hashes = provenance.sha256_files([p for p in files if p.is_file()])
+    model.eval()
+    return ResolvedModel(model, source, hashes)
+
+
+def resolve_data(path: str | os.PathLike | None) -> arrays.ImageData:
+    """``.npz`` data (``x_train, y_train, x_test, y_test``) or, by default, Fashion-MNIST."""
+    if path is None:
+        from ..data import fashion_mnist
+
+        return fashion_mnist.load_fashion_mnist()
+    path = Path(path)
+    try:
+        return arrays.load_npz(path)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ValueError(
+            f"--data {path}: not a readable .npz file ({type(err).__name__}: {err}); expected "
+            f"np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
+        ) from err
+    except ValueError as err:
+        if "pickle" in str(err):  # numpy's message for a file that is not an .npz/.npy at all
+            raise ValueError(
+                f"--data {path}: not an .npz file (numpy: {err}); expected np.savez(path, "
+                f"x_train=..., y_train=..., x_test=..., y_test=...)."
+            ) from err
+        raise
+
+
+def _array_digest(*xs: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for x in xs:
+        h.update(f"{x.dtype.str}{tuple(x.shape)}".encode())
+        h.update(np.ascontiguousarray(x).data)
+    return h.hexdigest()
+
+
+def check_model_fits(model: nn.Module, data: arrays.ImageData) -> None:
+    """Raise ``ValueError`` if the model cannot take the data's images or labels."""
+    x = arrays.to_tensor(data.x_test[:2])
+    try:
+        with torch.inference_mode():
+            logits = model(x)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the model cannot take the data's images (tensor {tuple(x.shape)}): {err}. Was it "
+            f"trained on this data set (--model / --data)?"
+        ) from err
+    if logits.dim() != 2 or logits.shape[1] < data.num_classes:
+        raise ValueError(
+            f"the model returns logits of shape {tuple(logits.shape)} but the data has "
+            f"{data.num_classes} classes; expected B×{data.num_classes}. Was it trained on this "
+            f"data set?"
+        )
+
+
+# -- stats --
+def fit_subset(n_train: int, fit_images: int | None, seed: int) -> np.ndarray:
+    """Indices of the training images used for the fit (sorted; all when ``fit_images`` is None)."""
+    if fit_images is None or fit_images >= n_train:
+        return np.arange(n_train)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.permutation(n_train)[:fit_images])
+
+
+def fit_stats(model: nn.Module, data: arrays.ImageData, protocol: Protocol, *, progress: bool = True):
+    """Fit DMC reference statistics on the protocol's training images."""
+    from .. import fit
+
+    idx = fit_subset(len(data.x_train), protocol.fit_images, protocol.fit_seed)
+    x_train = data.x_train
+
+    def stream():
+        for s in range(0, len(idx), 500):
+            yield arrays.to_tensor(x_train[idx[s : s + 500]])
+
+    return fit(model, stream(), levels=protocol.fit_levels, progress=progress, seed=protocol.fit_seed)
+
+
+def obtain_stats(
+    model: nn.Module,
+    data: arrays.ImageData,
+    protocol: Protocol,
+    path: Path,
+    *,
+    reuse: bool,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+):
+    """Load ``path`` if ``reuse`` and it exists (checked against the model); else fit, save."""
+    from .. import ReferenceStats
+
+    if reuse and path.is_file():
+        stats = ReferenceStats.load(path, model=model)
+        log(f"reusing DMC stats {path} ({len(stats.sites)} sites, K={stats.levels})")
+        return stats
+    n = len(fit_subset(len(data.x_train), protocol.fit_images, protocol.fit_seed))
+    log(f"fitting DMC stats on {n} training images (K={protocol.fit_levels}) -> {path}")
+    stats = fit_stats(model, data, protocol, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stats.save(path)
+    return stats
+
+
+# -- evaluation --
+def stream_errors(
+    method: nn.Module,
+    segments: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+    seed: int,
+) -> list[tuple[int, int, float]]:
+    """Run ``method`` over consecutive segments of one stream, without reset.
+
+    Args:
+        method: a built method (``forward`` adapts and predicts).
+        segments: ``(x, y)`` per segment: ``x`` float ``N×C×H×W``, ``y`` int64 ``N``.
+        batch_size: images per batch; batches never span two segments.
+        seed: the stream order's seed (each segment is permuted with it).
+
+    Returns:
+        ``(n, n_wrong, seconds)`` per segment.
+    """
+    needs_grad = getattr(method, "optimizer", None) is not None
+    device = next(iter(method.parameters()), torch.empty(0)).device
+    out = []
+    for x, y in segments:
+        t0 = time.perf_counter()
+        wrong = torch.zeros((), dtype=torch.int64, device=device)
+        ctx = contextlib.nullcontext() if needs_grad else torch.inference_mode()
+        with ctx:
+            for xb, yb in arrays.batches(x, y, batch_size, shuffle=True, seed=seed):
+                xb, yb = xb.to(device), yb.to(device)
+                logits = method(xb)
+                wrong += (logits.detach().argmax(1) != yb).sum()
+        out.append((len(y), int(wrong), time.perf_counter() - t0))
+    return out
+
+
+class _Images:
+    """The test images of each (corruption, severity), as ``uint8`` arrays kept while needed."""
+
+    def __init__(
+        self, x: np.ndarray, y: np.ndarray, protocol: Protocol, cache, workers: int, progress: bool
+    ) -> None:
+        self.x, self.y = x, torch.from_numpy(np.ascontiguousarray(y))
+        self.protocol, self.cache = protocol, cache
+        self.workers, self.progress = workers, progress
+        self._memo: dict[tuple[str, int], np.ndarray] = {}
+
+    def segments(self, corruptions: tuple[str, ...], severity: int):
+        """``(x, y)`` float tensors per corruption, lazily; drops every other memoised set."""
+        keys = [(c, severity) for c in corruptions]
+        for k in list(self._memo):
+            if k not in keys:
+                del self._memo[k]
+        for key in keys:
+            if key not in self._memo:
+                corruption, sev = key
+                if corruption == CLEAN:
+                    self._memo[key] = self.x
+                else:
+                    self._memo[key] = self.cache.get(
+                        self.x,
+                        corruption,
+                        sev,
+                        seed=self.protocol.gen_seed,
+                        workers=self.workers,
+                        progress=self.progress,
+                    )
+        # float tensors one segment at a time (a continual stream holds 15 sets)
+        return ((arrays.to_tensor(self._memo[k]), self.y) for k in keys)
+
+
+# -- config.json --
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, ensure_ascii=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _method_info(protocol: Protocol, model: nn.Module, stats) -> dict[str, dict]:
+    """Build every method once (fails fast on bad options); its definition and resolved options."""
+    known = methods_mod.available()
+    unknown = [m for m in protocol.methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; expected some of: {', '.join(known)}.")
+    info = {}
+    for name in protocol.methods:
+        method = methods_mod.build(name, model, stats=stats, **protocol.method_options.get(name, {}))
+        info[name] = {
+            "definition": type(method).definition,
+            "options": method.options(),
+            "class": f"{type(method).__module__}.{type(method).__qualname__}",
+        }
+        del method
+    return info
+
+
+def _needs_stats(protocol: Protocol) -> bool:
+    return any(getattr(methods_mod.METHODS.get(m), "needs_stats", False) for m in protocol.methods)
+
+
+# -- the run --
+def run_benchmark(
+    protocol: Protocol,
+    out: str | os.PathLike,
+    *,
+    model: ResolvedModel | nn.Module,
+    data: arrays.ImageData,
+    resume: bool = False,
+    stats_path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    command: str | None = None,
+    extra_config: dict | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every pending cell of ``protocol`` and write the results folder ``out``.
+
+    Args:
+        protocol: what to run.
+        out: the results folder (created).
+        model: the classifier (a :class:`ResolvedModel` carries its file checksums).
+        data: the data set; test cells use its first ``protocol.n_test`` test images.
+        resume: continue a folder: skip cells already in ``results.csv`` and reuse
+            ``stats.safetensors``. Refused if the folder's protocol would give other values.
+            Without it, a folder that already holds results is refused.
+        stats_path: use these reference statistics (a file written by ``ReferenceStats.save``)
+            instead of fitting; default: fit, save as ``out/stats.safetensors``.
+        cache_dir: corruption cache (default: ``DMC_CACHE_DIR`` or ``~/.cache/torch_dmc``).
+        workers: processes generating corruptions.
+        progress: progress bars.
+        device: where the model runs (default: where it is); results do not depend on it beyond
+            floating-point rounding.
+        command: the command line recorded at the top of the report.
+        extra_config: more entries for ``config.json`` (e.g. the method config file used).
+        plots: write the PNG plots (``report.md`` is always written).
+        log: where to print one-line messages.
+
+    Returns:
+        The ``config.json`` content.
+    """
+    from .report import finish
+
+    t_start = time.perf_counter()
+    started = _now()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path, config_path = out / "results.csv", out / "config.json"
+    if isinstance(model, ResolvedModel):
+        resolved = model
+    else:
+        resolved = ResolvedModel(model, "object", {})
+    net = resolved.model
+    net.eval()
+    check_model_fits(net, data)
+    if device is not None:
+        net.to(device)
+
+    previous = None
+    if results_path.is_file() and read_results(results_path):
+        if not resume:
+            raise FileExistsError(
+                f"{out} already holds results; pass --resume to continue it, or choose another --out."
+            )
+    if resume and config_path.is_file():
+        previous = json.loads(config_path.read_text())
+        old = Protocol.from_dict(previous["protocol"]).result_identity()
+        new = protocol.result_identity()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            details = "; ".join(f"{k}: folder has {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"--resume {out}: the folder's protocol differs in what changes results "
+                f"({details}). "
+                f"Use another --out, or the same options."
+            )
+
+    # statistics (only for methods that need them)
+    stats, stats_info = None, None
+    if _needs_stats(protocol):
+        if stats_path is not None:
+            from .. import ReferenceStats
+
+            stats = ReferenceStats.load(stats_path, model=net)
+            where = str(stats_path)
+        else:
+            where = str(out / "stats.safetensors")
+            stats = obtain_stats(
+                net,
+                data,
+                protocol,
+                out / "stats.safetensors",
+                reuse=resume,
+                progress=progress,
+                log=log,
+            )
+        stats_info = {
+            "path": where,
+            "checksum": stats.checksum(),
+            "levels": stats.levels,
+            "sites": stats.sites,
+            "fit_info": stats.info,
+        }
+        if previous and previous.get("stats") and previous["stats"]["checksum"] != stats_info["checksum"]:
+            raise ValueError(
+                f"--resume {out}: the stats now used ({where}) differ from the ones the folder's "
+                f"results were computed with; use the same stats or another --out."
+            )
+
+    method_info = _method_info(protocol, net, stats)
+    n_test = len(data.x_test) if protocol.n_test is None else min(protocol.n_test, len(data.x_test))
+    x_test, y_test = data.x_test[:n_test], data.y_test[:n_test]
+    config: dict[str, Any] = {
+        "tool": "dmc bench",
+        "command": command if command is not None else provenance.command_line(),
+        "explicit_command": "dmc bench " + shlex.join(protocol.command_args()),
+        "protocol": protocol.to_dict(),
+        "protocol_notes": PROTOCOL_NOTES,
+        "data": {
+            "name": data.name,
+            "path": protocol.data,
+            "file_sha256": provenance.sha256_file(protocol.data) if protocol.data else None,
+            "n_train": len(data.x_train),
+            "n_test": n_test,
+            "image_shape": list(data.x_test.shape[1:]),
+            "num_classes": data.num_classes,
+            "test_sha256": _array_digest(x_test, y_test),
+        },
+        "corruptions": corruptions.protocol_info(),
+        "model": {
+            "source": resolved.source,
+            "class": type(net).__name__,
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "files_sha256": resolved.files,
+        },
+        "stats": stats_info,
+        "methods": method_info,
+        "versions": provenance.package_versions(),
+        "git": provenance.git_commit(),
+        "machine": provenance.machine(),
+        "sessions": list(previous.get("sessions", [])) if previous else [],
+    }
+    if extra_config:
+        config.update(extra_config)
+    session = {
+        "started": started,
+        "finished": None,
+        "wall_s": None,
+        "cells_computed": 0,
+        "command": config["command"],
+    }
+    config["sessions"].append(session)
+    write_json(config_path, config)
+
+    # the work
+    done = done_cells(read_results(results_path))
+    units = pending(protocol.units(), done)
+    total_cells = sum(sum(c not in done for c in u.cells()) for u in units)
+    skipped = len(protocol.cells()) - total_cells
+    if skipped:
+        log(f"resuming: {skipped} cell(s) already in {results_path}, {total_cells} to run")
+    images = _Images(x_test, y_test, protocol, corruptions.CorruptionCache(cache_dir), workers, progress)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_cells, desc="bench", unit="cell", disable=not progress)
+    try:
+        with (
+            ResultsWriter(results_path, COLUMNS) as writer,
+            ResultsWriter(out / "timings.csv", TIMING_COLUMNS) as timer,
+        ):
+            for unit in units:
+                session["cells_computed"] += _run_unit(
+                    unit, protocol, net, stats, images, done, writer, timer, bar
+                )
+    finally:
+        bar.close()
+        session["finished"] = _now()
+        session["wall_s"] = round(time.perf_counter() - t_start, 2)
+        config["wall_s"] = round(sum(s.get("wall_s") or 0 for s in config["sessions"]), 2)
+        write_json(config_path, config)
+    finish(out, config, plots=plots, log=log)
+    return config
+
+
+def _run_unit(
+    unit: Unit,
+    protocol: Protocol,
+    net: nn.Module,
+    stats,
+    images: _Images,
+    done: set,
+    writer: ResultsWriter,
+    timer: ResultsWriter,
+    bar,
+) -> int:
+    """Run one unit with a freshly built method; write its missing cells; return how many."""
+    segments = images.segments(unit.corruptions, unit.severity)
+    bar.set_postfix_str(
+        f"{unit.method} {unit.corruption}-{unit.severity} b{unit.batch_size} s{unit.seed}",
+        refresh=False,
+    )
+    torch.manual_seed(0)
+    method = methods_mod.build(unit.method, net, stats=stats, **protocol.method_options.get(unit.method, {}))
+    results = stream_errors(method, segments, unit.batch_size, unit.seed)
+    del method
+    written = 0
+    for cell, (n, wrong, seconds) in zip(unit.cells(), results, strict=False):
+        if cell in done:
+            continue
+        key = dataclasses.asdict(cell)
+        writer.write({**key, "n": n, "n_wrong": wrong, "error": f"{error_percent(wrong, n):.4f}"})
+        timer.write({**key, "seconds": f"{seconds:.3f}"})
+        done.add(cell)
+        written += 1
+        bar.update(1)
+    return written
