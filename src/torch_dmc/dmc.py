@@ -191,7 +191,9 @@ class DMC(nn.Module):
         strength: ``λ`` in ``[0, 1]`` for every site, or a dict of fnmatch pattern → ``λ`` (the last
             matching pattern wins; unmatched sites get 1). Sites with ``λ = 0`` are not hooked.
         sites: fnmatch patterns choosing a subset of the stats' sites (default: all of them).
-        knots: grid mode's ``K'``, knots (table nodes) per channel.
+        knots: grid mode's largest ``K'``, knots (table nodes) per channel; a site whose ``M``
+            values (or sample) per channel are few uses ``max(32, M // 4)`` knots instead, since
+            finer cells than that add cost but not accuracy.
         grid_sample: grid mode estimates its knots from this many random positions per channel
             (``None``: from all values); adds a rank error of order ``1/sqrt(grid_sample)``.
         seed: seed of grid mode's sampling (`reset` restarts it).
@@ -276,7 +278,9 @@ class DMC(nn.Module):
                                                self._generator(output.device))
             else:
                 values = output.movedim(axis, 0).reshape(c, n)
-            lut = lut_from_sample(values, q, self.knots)
+            # no finer cells than about 4 values each: finer ones add cost, not accuracy
+            knots = min(self.knots, max(32, values.shape[1] // 4))
+            lut = lut_from_sample(values, q, knots)
             y = apply_lut(output, lut, axis, self._grid(output, axis))
         lam = self.strengths[name]
         return y if lam == 1.0 else torch.lerp(output, y, lam)

@@ -178,7 +178,11 @@ def _fit_vs_pass(model_dir: str | None, images: int, repeats: int) -> dict:
 
 
 def _child_peak_rss(model_dir: str | None, task: str, images: int) -> float:
-    """Peak RSS (MB) of a fresh process running ``task`` over ``images`` training images."""
+    """Peak RSS (MB) of a fresh process running ``task`` over ``images`` training images.
+
+    Read from ``/proc/self/status`` (``VmHWM``): ``ru_maxrss`` would include the parent's peak,
+    which Linux carries across ``fork``/``exec``.
+    """
     code = (
         "import resource, torch\n"
         "from torch_dmc import fit\n"
@@ -196,7 +200,9 @@ def _child_peak_rss(model_dir: str | None, task: str, images: int) -> float:
         "else:\n"
         "    with torch.inference_mode():\n"
         "        for b in chunks(): model(b)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+        "print(int(hwm[0].split()[1]) / 1024 if hwm else "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
