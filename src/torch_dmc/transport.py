@@ -208,7 +208,8 @@ def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
     c, m = values.shape
     lo, hi = values.float().aminmax(dim=1)
     step = (hi - lo) / (size - 1)
-    step = torch.where(step > 0, step, torch.ones_like(step))
+    # an all-equal channel gets step 1; a subnormal step would make 1/step overflow
+    step = torch.where(step > 0, step, torch.ones_like(step)).clamp_min(torch.finfo(torch.float32).tiny)
     inv = (1 / step).unsqueeze(1)
     cell = torch.addcmul(-lo.unsqueeze(1) * inv, values.float(), inv).round_().clamp_(0, size - 1)
     offsets = (torch.arange(c, device=values.device) * size).unsqueeze(1)

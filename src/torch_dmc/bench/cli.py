@@ -140,9 +140,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="training images for the DMC stats (default: all; a seeded random subset when fewer)",
     )
-    parser.add_argument(
-        "--device", default=None, help="torch device for the model, e.g. cuda (default: cpu)"
-    )
+    parser.add_argument("--device", default=None, help="torch device for the model, e.g. cuda (default: cpu)")
     parser.add_argument(
         "--stats",
         metavar="FILE",
@@ -323,6 +321,12 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: fit, save next to --out)",
     )
     parser.add_argument(
+        "--baselines",
+        default="source,bn",
+        help="methods also evaluated on the validation cells, for reference only (default "
+        "source,bn; '' for none)",
+    )
+    parser.add_argument(
         "--out",
         metavar="FILE.json",
         default="results/dmc-tune.json",
@@ -389,6 +393,7 @@ def run_tune(args) -> int:
             model=resolved.model,
             data=data,
             model_files=resolved.files,
+            baselines=parse_name_list(args.baselines),
             stats_path=args.stats,
             cache_dir=args.cache,
             workers=int(args.workers),
