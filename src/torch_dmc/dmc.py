@@ -344,20 +344,18 @@ def shift_report(model: nn.Module, stats: ReferenceStats, batch: Tensor,
             report.setdefault(name, {})[key] = float(wasserstein1(x.float(), q).mean())
         return hook
 
-    with torch.no_grad():
-        handles = register_output_hooks(model, stats.sites, measure("before"))
+    def run(forward, key: str) -> None:
+        handles = register_output_hooks(model, stats.sites, measure(key))
         try:
-            model(batch)
+            forward(batch)
         finally:
             for h in handles:
                 h.remove()
+
+    with torch.no_grad():
+        run(model, "before")
         with corrected(model, stats, **options) as m:
-            handles = register_output_hooks(model, stats.sites, measure("after"))
-            try:
-                m(batch)
-            finally:
-                for h in handles:
-                    h.remove()
+            run(m, "after")  # measured after DMC's own hook: the corrected output
     return report
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import shlex
@@ -12,6 +11,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+
+from ..models.store import sha256_file
 
 __all__ = [
     "package_versions",
@@ -78,15 +79,6 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
     }
-
-
-def sha256_file(path: str | Path) -> str:
-    """SHA-256 of one file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_files(paths: list[Path]) -> dict[str, str]:
