@@ -21,6 +21,7 @@ __all__ = [
     "SiteSpec",
     "select_sites",
     "channel_axis_for",
+    "resolve_channel_axes",
     "site_fingerprint",
     "register_output_hooks",
 ]

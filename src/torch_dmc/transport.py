@@ -9,7 +9,9 @@ The transport (DESIGN §1): with ``r_i`` the rank of ``x_i`` among its channel's
 their *average* rank, and ``u_i = (r_i - 1/2) / N``, the corrected value is ``T(x_i) = Q_ref(u_i)``,
 ``Q_ref`` linearly interpolated between the stored levels. It is the monotone map that minimises
 the 1-D Wasserstein-p distance between the batch's empirical distribution and the reference, for
-every p >= 1.
+every p >= 1. `transport_exact` computes it with a full sort; grid mode (`lut_from_sample` then
+`apply_lut`) estimates the batch CDF from a histogram and applies the tabulated map in one pass,
+to activations of any layout (``N×C×…`` or ``N×T×C``).
 
 Nothing here loops over channels or samples in Python.
 """
