@@ -143,7 +143,7 @@ def _forward_with_rule(rule, bn: _BatchNorm, x: torch.Tensor) -> torch.Tensor:
     if bn.bias is not None:
         shift = shift + bn.bias
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return x * scale.reshape(shape) + shift.reshape(shape)
+    return torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))  # one pass over x
 
 
 def configure_bn(model: nn.Module, rule) -> list[str]:
