@@ -87,6 +87,20 @@ def test_memory_is_bounded_by_capacity_times_log_batches():
     assert stored <= 64 * (math.ceil(math.log2(100)) + 1)
 
 
+def test_memory_is_bounded_whatever_the_data_size_and_the_bound_still_holds():
+    data = stream(batches=60, n=2000, channels=2, seed=6)
+    sketch = QuantileSketch(2, capacity=128, samples_per_batch=None, max_levels=3)
+    for x in data:
+        sketch.update(x)
+    sketch._flush()
+    assert len(sketch._counter) <= 3
+    assert sum(s.values.shape[1] for s in sketch._counter if s is not None) <= 3 * 128
+    assert sketch.top_merges > 0
+    full = torch.cat(data, dim=1).numpy()
+    for c in range(2):
+        assert rank_error(full[c], sketch.quantiles(65)[c].numpy()) <= sketch.rank_error_bound()
+
+
 def test_random_sampling_does_not_alias_onto_columns():
     # every image column w holds the value w: a strided subsample of the flattened B×H×W axis
     # with a stride that is a multiple of W would see a single column

@@ -14,8 +14,10 @@ without storing the stream. Two steps, both documented with their error:
    channel, kept in a binary counter: two summaries of the same height merge into one of the next
    height, compressed back to ``capacity`` equal-mass points by interpolating the merged
    mass-weighted CDF. Each compression moves any rank by at most ``1/capacity``, so after ``B``
-   batches the compression error is at most ``(ceil(log2 B) + 1) / capacity``. Memory is
-   ``O(capacity · C · log B)``, independent of the number of images.
+   batches the compression error is at most ``(ceil(log2 B) + 1) / capacity``. The counter has at
+   most ``max_levels`` heights (default 8); once the top is full, later summaries merge into it,
+   each such merge adding ``1/capacity``. Memory is at most ``max_levels · capacity · C`` points,
+   whatever the number of images.
 
 `rank_error_bound` states the sum of both terms; the tests check the estimate against
 ``numpy.quantile`` of the full data.
@@ -134,6 +136,9 @@ class QuantileSketch:
             ``(ceil(log2 B) + 1) / capacity`` after ``B`` batches.
         samples_per_batch: values drawn per channel from each batch (``m``); ``None`` keeps all.
         generator: random source for the sampling (seed it for reproducible statistics).
+        max_levels: heights of the binary counter; once the top one is full, later summaries are
+            merged into it. Memory is then at most ``max_levels · capacity`` points per channel
+            whatever the data size, and each such merge adds ``1/capacity`` to the error bound.
 
     Example:
         >>> sketch = QuantileSketch(channels=3, capacity=256)
@@ -144,7 +149,7 @@ class QuantileSketch:
     """
 
     def __init__(self, channels: int, *, capacity: int = 4096, samples_per_batch: int | None = 4096,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, max_levels: int = 8):
         if capacity < 2:
             raise ValueError(f"capacity must be at least 2, found {capacity}")
         if samples_per_batch is not None and samples_per_batch < 1:
@@ -153,6 +158,10 @@ class QuantileSketch:
         self.capacity = capacity
         self.samples_per_batch = samples_per_batch
         self.generator = generator
+        if max_levels < 1:
+            raise ValueError(f"max_levels must be at least 1, found {max_levels}")
+        self.max_levels = max_levels
+        self.top_merges = 0  # merges into the full top level (each adds 1/capacity of rank error)
         self.total_values = 0  # values seen per channel
         self.kept_values = 0  # values kept per channel
         self.batches = 0
@@ -221,8 +230,13 @@ class QuantileSketch:
             if other is None:
                 self._counter[height] = s
                 return
+            merged = _compress(_merge(other, s), self.capacity)
+            if height == self.max_levels - 1:  # the top absorbs it: memory stays bounded
+                self._counter[height] = merged
+                self.top_merges += 1
+                return
             self._counter[height] = None
-            s = _compress(_merge(other, s), self.capacity)
+            s = merged
             height += 1
 
     def merge(self, other: QuantileSketch) -> QuantileSketch:
@@ -241,12 +255,13 @@ class QuantileSketch:
         self.total_values += other.total_values
         self.kept_values += other.kept_values
         self.batches += other.batches
+        self.top_merges += other.top_merges
         return self
 
     def rank_error_bound(self, delta: float = 1e-3) -> float:
         """The documented bound on this sketch's CDF error (see `rank_error_bound`)."""
         return rank_error_bound(self.total_values, self.kept_values, self.batches, self.capacity,
-                                delta)
+                                delta) + self.top_merges / self.capacity
 
     def quantiles(self, levels: int) -> Tensor:
         """The estimated quantile function at ``levels`` evenly spaced levels, endpoints included.
