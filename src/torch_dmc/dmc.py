@@ -71,8 +71,8 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
     """Fit the reference quantile function of every site's channels on source data.
 
     Runs the unmodified model in eval mode under ``torch.inference_mode`` and streams every site's
-    output into a `torch_dmc.sketch.QuantileSketch`: memory ``O(capacity · channels · log batches)``,
-    independent of the dataset size; values are sampled at random positions, never strided. The
+    output into a `torch_dmc.sketch.QuantileSketch`: memory at most ``8 · capacity · channels``
+    values, independent of the dataset size; values are sampled at random positions, never strided. The
     model's parameters, buffers and train/eval mode are left as they were.
 
     Args:

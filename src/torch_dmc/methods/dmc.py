@@ -9,37 +9,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..dmc import DMC
 from .base import Method
 from .norm import BatchStatistics, configure_bn
 
 
-def _dmc_class():
-    import torch_dmc
-
-    cls = getattr(torch_dmc, "DMC", None)
-    if cls is None:
-        raise RuntimeError(
-            "torch_dmc.DMC is not available in this installation of torch_dmc: the 'dmc' method "
-            "needs the core correction module"
-        )
-    return cls
-
-
-def _dmc_options(cls) -> tuple[tuple[str, ...], dict[str, Any], bool]:
-    """Keyword options of ``torch_dmc.DMC``: (names, defaults, accepts **kwargs)."""
-    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # drop self
-    names, defaults, var_kw = [], {}, False
-    for p in params:
-        if p.kind is p.VAR_KEYWORD:
-            var_kw = True
-        elif p.name not in ("model", "stats") and p.kind in (
-            p.POSITIONAL_OR_KEYWORD,
-            p.KEYWORD_ONLY,
-        ):
-            names.append(p.name)
-            if p.default is not p.empty:
-                defaults[p.name] = p.default
-    return tuple(names), defaults, var_kw
+def _dmc_options() -> tuple[tuple[str, ...], dict[str, Any]]:
+    """Keyword options of ``torch_dmc.DMC`` and their defaults, read from its signature."""
+    params = list(inspect.signature(DMC.__init__).parameters.values())[1:]  # drop self
+    names = tuple(p.name for p in params if p.name not in ("model", "stats"))
+    defaults = {p.name: p.default for p in params
+                if p.name in names and p.default is not p.empty}
+    return names, defaults
 
 
 def _jsonable(value: Any) -> Any:
@@ -57,8 +38,8 @@ class DMCMethod(Method):
     channel, onto the reference quantile function fitted on source data, y = x + λ·(Q_ref(u) − x)
     with u the mid-rank of x in the batch (``torch_dmc.DMC`` with the given options); with
     ``adapt_bn=True`` the BatchNorm layers first normalise with the batch statistics as in ``bn``.
-    Stateless across batches: ``reset()`` restores the copy's state and calls the corrector's
-    ``reset()`` if ``torch_dmc.DMC`` has one.
+    Stateless across batches: ``reset()`` restores the copy's state and the corrector's random
+    sampling.
 
     Args:
         model: the trained classifier (deep-copied once; the caller's object is left as is).
@@ -93,10 +74,9 @@ class DMCMethod(Method):
             )
         if not isinstance(adapt_bn, bool):
             raise ValueError(f"adapt_bn is expected to be True or False, got {adapt_bn!r}")
-        cls = _dmc_class()
-        names, defaults, var_kw = _dmc_options(cls)
+        names, defaults = _dmc_options()
         unknown = sorted(set(options) - set(names))
-        if unknown and not var_kw:
+        if unknown:
             raise ValueError(
                 f"method 'dmc' got unknown option(s) {unknown}; its options are: "
                 f"{', '.join(('adapt_bn', *names))}"
@@ -105,34 +85,19 @@ class DMCMethod(Method):
         self.model.eval()
         if adapt_bn:
             configure_bn(self.model, BatchStatistics())
-        self.corrector = cls(self.model, stats, **options)
+        self.corrector = DMC(self.model, stats, **options)
         resolved = {"adapt_bn": adapt_bn, **defaults, **options}
         self._options = {k: _jsonable(v) for k, v in resolved.items()}
         self._save_initial_state()
 
     @classmethod
     def valid_options(cls) -> tuple[str, ...]:
-        try:
-            names = _dmc_options(_dmc_class())[0]
-        except RuntimeError:
-            names = ()
-        return ("adapt_bn", *names)
-
-    @classmethod
-    def check_options(cls, options: dict[str, Any]) -> None:
-        try:
-            if _dmc_options(_dmc_class())[2]:
-                return  # DMC takes **kwargs: it checks the remaining names itself
-        except RuntimeError:
-            pass
-        super().check_options(options)
+        return ("adapt_bn", *_dmc_options()[0])
 
     def reset(self) -> None:
-        """Restore the model's initial state, and the corrector's if it has a ``reset()``."""
+        """Restore the model's initial state and restart the corrector's random sampling."""
         super().reset()
-        corrector_reset = getattr(self.corrector, "reset", None)
-        if callable(corrector_reset):
-            corrector_reset()
+        self.corrector.reset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.corrector(x)
