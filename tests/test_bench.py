@@ -170,6 +170,23 @@ def test_deterministic(model, data, tmp_path):
     assert src[("contrast", 0)] == src[("contrast", 1)]
 
 
+def test_jobs_and_memory_layout_do_not_change_results(model, data, tmp_path):
+    p = small_protocol(seeds=[0, 1])
+    run(p, tmp_path / "one", model, data, tmp_path, channels_last=False)
+    config = run(p, tmp_path / "two", model, data, tmp_path, jobs=2, channels_last=True)
+    assert config["execution"] == {"jobs": 2, "channels_last": True, "device": "cpu"}
+
+    def cells(folder):
+        rows = read_results(folder / "results.csv")
+        return {tuple(r[k] for k in ("method", "corruption", "severity", "seed")): r["n_wrong"] for r in rows}
+
+    one, two = cells(tmp_path / "one"), cells(tmp_path / "two")
+    assert len(one) == len(p.cells()) and one == two
+    assert model.state_dict()["0.weight"].is_contiguous()  # the caller's model keeps its layout
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        run(p, tmp_path / "bad", model, data, tmp_path, jobs=0)
+
+
 def test_resume_skips_finished_cells(model, data, tmp_path, monkeypatch):
     p = small_protocol(methods=["source", "bn", "dmc"])
     out = tmp_path / "run"

@@ -159,6 +159,24 @@ def test_grid_mode_close_to_exact_on_the_network(model_and_stats):
     assert float((exact - grid).detach().abs().max()) < 0.02
 
 
+def test_grid_mode_keeps_a_channels_last_layout_and_its_values(model_and_stats):
+    import copy
+
+    model, stats = model_and_stats
+    x = distorted(source_images(64, seed=9), 4)
+    with dmc.corrected(model, stats) as m:
+        plain = m(x)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    layouts = []
+    with dmc.corrected(cl_model, stats) as m:
+        h = cl_model[2].register_forward_hook(  # the ReLU after the first corrected site
+            lambda mod, inp, out: layouts.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+        cl = m(x.contiguous(memory_format=torch.channels_last))
+        h.remove()
+    assert layouts == [True]  # the corrected output kept the layout: no copy to NCHW
+    torch.testing.assert_close(cl, plain, rtol=1e-4, atol=1e-4)
+
+
 def test_save_load_round_trip_is_exact(model_and_stats, tmp_path):
     model, stats = model_and_stats
     path = tmp_path / "model.dmc.safetensors"

@@ -157,6 +157,12 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
     )
 
 
+def _is_channels_last(output: Tensor, axis: int) -> bool:
+    """Whether a 4-D ``N×C×H×W`` output (channels on axis 1) is stored channels-last (NHWC)."""
+    return (output.dim() == 4 and axis == 1 and not output.is_contiguous()
+            and output.is_contiguous(memory_format=torch.channels_last))
+
+
 def _resolve_strengths(names: list[str], strength: float | Mapping[str, float]) -> dict[str, float]:
     if isinstance(strength, Mapping):
         out = {}
@@ -271,19 +277,25 @@ class DMC(nn.Module):
             y = transport_exact(moved.reshape(moved.shape[0], -1), q)
             y = y.reshape(moved.shape).movedim(0, axis).contiguous()
         else:
-            c = output.shape[axis]
-            n = output.numel() // c
-            if self.grid_sample is not None and self.grid_sample < n:
-                values = sample_channel_values(output, axis, self.grid_sample,
-                                               self._generator(output.device))
-            else:
-                values = output.movedim(axis, 0).reshape(c, n)
-            # no finer cells than about 4 values each: finer ones add cost, not accuracy
-            knots = min(self.knots, max(32, values.shape[1] // 4))
-            lut = lut_from_sample(values, q, knots)
-            y = apply_lut(output, lut, axis, self._grid(output, axis))
+            y = self._correct_grid(name, output, axis, q)
         lam = self.strengths[name]
         return y if lam == 1.0 else torch.lerp(output, y, lam)
+
+    def _correct_grid(self, name: str, output: Tensor, axis: int, q: Tensor) -> Tensor:
+        """Grid mode on one site's output, in the output's own memory layout."""
+        if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
+            return self._correct_grid(name, output.permute(0, 2, 3, 1), 3, q).permute(0, 3, 1, 2)
+        c = output.shape[axis]
+        n = output.numel() // c
+        if self.grid_sample is not None and self.grid_sample < n:
+            values = sample_channel_values(output, axis, self.grid_sample,
+                                           self._generator(output.device))
+        else:
+            values = output.movedim(axis, 0).reshape(c, n)
+        # no finer cells than about 4 values each: finer ones add cost, not accuracy
+        knots = min(self.knots, max(32, values.shape[1] // 4))
+        lut = lut_from_sample(values, q, knots)
+        return apply_lut(output, lut, axis, self._grid(output, axis))
 
     def forward(self, *args, **kwargs):
         """Run the wrapped model with corrected sites."""
