@@ -15,8 +15,6 @@ import torch_dmc
 from torch_dmc import methods
 
 NO_STATS = ["source", "bn", "bn-prior", "bn-ema", "tent"]
-HAS_DMC = hasattr(torch_dmc, "DMC")
-needs_dmc = pytest.mark.skipif(not HAS_DMC, reason="torch_dmc.DMC is not available yet")
 
 
 def tiny_cnn(seed: int = 0) -> nn.Sequential:
@@ -95,7 +93,9 @@ def hand_batch_stats(layer, x):
 
 
 def test_available_and_registry():
-    assert methods.available() == ["source", "bn", "bn-prior", "bn-ema", "tent", "dmc"]
+    assert methods.available() == [
+        "source", "bn", "bn-prior", "bn-ema", "tent", "dmc", "dmc-prior", "dmc-ema", "dmc-per-sample"
+    ]
     for name, cls in methods.METHODS.items():
         assert cls.name == name
         assert issubclass(cls, methods.Method)
@@ -418,12 +418,12 @@ def fitted():
     return model, stats
 
 
-@needs_dmc
 @pytest.mark.parametrize("adapt_bn", [False, True])
-def test_dmc_runs_and_leaves_model_untouched(fitted, adapt_bn):
+@pytest.mark.parametrize("name", ["dmc", "dmc-prior", "dmc-ema", "dmc-per-sample"])
+def test_dmc_runs_and_leaves_model_untouched(fitted, adapt_bn, name):
     model, stats = fitted
     snap = snapshot(model)
-    method = methods.build("dmc", model, stats=stats, adapt_bn=adapt_bn)
+    method = methods.build(name, model, stats=stats, adapt_bn=adapt_bn)
     xs = batches(2)
     with torch.no_grad():
         out = [method(x) for x in xs]
@@ -437,7 +437,6 @@ def test_dmc_runs_and_leaves_model_untouched(fitted, adapt_bn):
     assert opts["adapt_bn"] is adapt_bn
 
 
-@needs_dmc
 def test_dmc_adapt_bn_invisible_to_exact_full_correction(fitted):
     """Exact transport ignores increasing affine maps, so with every BN output corrected at full
     strength adapt_bn changes nothing; at strength < 1 it does."""
@@ -455,8 +454,23 @@ def test_dmc_adapt_bn_invisible_to_exact_full_correction(fitted):
     assert not torch.allclose(out[False, 0.5], out[True, 0.5], atol=1e-3)
 
 
-@needs_dmc
 def test_dmc_unknown_option(fitted):
     model, stats = fitted
     with pytest.raises((ValueError, TypeError), match="no_such_option"):
         methods.build("dmc", model, stats=stats, no_such_option=1)
+
+
+@pytest.mark.parametrize(("name", "estimate"), [("dmc-prior", "prior"), ("dmc-ema", "ema"),
+                                                ("dmc-per-sample", "per-sample")])
+def test_dmc_estimate_methods_equal_dmc_with_that_estimate(fitted, name, estimate):
+    model, stats = fitted
+    xs = batches(2)
+    fixed = methods.build(name, model, stats=stats, mode="exact")
+    general = methods.build("dmc", model, stats=stats, mode="exact", estimate=estimate)
+    with torch.no_grad():
+        for x in xs:
+            assert torch.equal(fixed(x), general(x))
+    assert fixed.options()["estimate"] == estimate
+    assert "estimate" not in type(fixed).valid_options()
+    with pytest.raises(ValueError, match="estimate"):
+        methods.build(name, model, stats=stats, estimate="batch")

@@ -12,11 +12,12 @@ matching). No retraining, no labels.
 
 __version__ = "0.1.0"
 
-from .dmc import DMC, MODES, corrected, fit, format_shift_report, shift_report  # noqa: E402
+from .dmc import DMC, ESTIMATES, MODES, corrected, fit, format_shift_report, shift_report  # noqa: E402
 from .stats_io import ReferenceStats, StatsMismatchError  # noqa: E402
 
 __all__ = [
     "DMC",
+    "ESTIMATES",
     "MODES",
     "ReferenceStats",
     "StatsMismatchError",

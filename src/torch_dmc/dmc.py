@@ -12,6 +12,7 @@ Modules and hooks here only route tensors to the math in `torch_dmc.transport`.
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
@@ -29,12 +30,26 @@ from .sites import (
 )
 from .sketch import QuantileSketch, sample_channel_values
 from .stats_io import ReferenceStats
-from .transport import apply_lut, lut_from_sample, lut_grid, transport_exact, wasserstein1
+from .transport import (
+    apply_lut,
+    empirical_quantiles,
+    interp_quantiles,
+    lut_from_sample,
+    lut_grid,
+    transport_exact,
+    transport_quantiles,
+    wasserstein1,
+)
 
-__all__ = ["MODES", "fit", "DMC", "corrected", "shift_report", "format_shift_report"]
+__all__ = ["MODES", "ESTIMATES", "fit", "DMC", "corrected", "shift_report", "format_shift_report"]
 
 MODES = ("exact", "grid")
-"""Ways of estimating the test distribution (DESIGN §1): full sort, or quantiles at knots."""
+"""How the map is computed (DESIGN §1): full sort, or a table at knots from a histogram."""
+
+ESTIMATES = ("batch", "prior", "ema", "per-sample")
+"""Which test distribution is matched to the reference (DESIGN §1): the current batch's; the
+batch's blended with the reference (``prior``); a running estimate across batches (``ema``); or
+each sample's own, per channel over its positions (``per-sample``)."""
 
 DEFAULT_MODE = "grid"
 DEFAULT_KNOTS = 4096
@@ -66,8 +81,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: int = 1024,
         max_batches: int | None = None, device: torch.device | str | None = None,
         progress: bool = True, channel_axes: int | Mapping[str, int] | None = None,
-        samples_per_batch: int | None = 1024, capacity: int = 4096, seed: int = 0
-        ) -> ReferenceStats:
+        samples_per_batch: int | None = 1024, capacity: int = 4096, seed: int = 0,
+        per_sample: bool = True, per_sample_images: int | None = 32) -> ReferenceStats:
     """Fit the reference quantile function of every site's channels on source data.
 
     Runs the unmodified model in eval mode under ``torch.inference_mode`` and streams every site's
@@ -88,6 +103,11 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
         samples_per_batch: values drawn per channel from each batch (``None``: all values).
         capacity: points per channel per sketch summary (sets the compression error).
         seed: seed of the random sampling.
+        per_sample: also fit the reference of the ``per-sample`` estimate in the same pass: per
+            site with at least 2 positions per sample, the mean over samples of each sample's
+            quantile function of a channel over its positions (axis 0 is the batch axis).
+        per_sample_images: samples per batch, drawn at random, whose quantile functions enter
+            that mean (``None``: all); the mean is exact over the drawn samples.
 
     Returns:
         The `ReferenceStats`, with ``info`` recording the images seen and the rank-error bound.
@@ -102,7 +122,10 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
     axes = resolve_channel_axes(model, names, channel_axes)
     device = torch.device(device) if device is not None else _model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    # its own stream, so the pooled reference does not depend on ``per_sample``
+    sample_generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     sketches: dict[str, QuantileSketch] = {}
+    sample_sums: dict[str, list] = {}  # site -> [C×K float64 sum of per-sample tables, count]
 
     def observe(name: str, output: Tensor) -> None:
         axis = axes[name]
@@ -111,6 +134,17 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
                                             samples_per_batch=samples_per_batch,
                                             generator=generator)
         sketches[name].update_activation(output, axis)
+        if per_sample:
+            rows = _per_sample_rows(output, axis, per_sample_images, sample_generator)
+            if rows is not None:
+                b = rows.shape[0] // output.shape[axis]
+                table = empirical_quantiles(rows, levels).double()
+                table = table.view(b, -1, levels).sum(dim=0)
+                if name in sample_sums:
+                    sample_sums[name][0] += table
+                    sample_sums[name][1] += b
+                else:
+                    sample_sums[name] = [table, b]
 
     was_training = model.training
     handles = register_output_hooks(model, names, observe)
@@ -153,8 +187,31 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
             "capacity": capacity,
             "seed": seed,
             "rank_error_bound": max(s.rank_error_bound() for s in sketches.values()),
+            "per_sample_images": per_sample_images if per_sample else None,
+            "per_sample_samples": {n: int(v[1]) for n, v in sample_sums.items()},
         },
+        per_sample={n: (v[0] / v[1]).float().cpu() for n, v in sample_sums.items()},
     )
+
+
+def _per_sample_rows(output: Tensor, axis: int, samples: int | None,
+                     generator: torch.Generator | None = None) -> Tensor | None:
+    """``B'·C×P`` rows, ordered (sample, channel): each sample's channel over its ``P`` positions.
+
+    Axis 0 is the batch axis. ``samples`` draws that many samples at random without replacement
+    (``None``: all). ``None`` when a sample has fewer than 2 positions per channel.
+    """
+    if axis == 0:
+        raise ValueError("per-sample correction needs the batch on axis 0 and channels elsewhere")
+    b, c = output.shape[0], output.shape[axis]
+    positions = output.numel() // max(b * c, 1)
+    if positions < 2:
+        return None
+    if samples is not None and samples < b:
+        pick = torch.randperm(b, generator=generator)[:samples].to(output.device)
+        output = output.index_select(0, pick)
+        b = samples
+    return output.detach().movedim(axis, 1).reshape(b * c, positions)
 
 
 def _is_channels_last(output: Tensor, axis: int) -> bool:
@@ -163,17 +220,30 @@ def _is_channels_last(output: Tensor, axis: int) -> bool:
             and output.is_contiguous(memory_format=torch.channels_last))
 
 
-def _resolve_strengths(names: list[str], strength: float | Mapping[str, float]) -> dict[str, float]:
-    if isinstance(strength, Mapping):
+def _per_site(names: list[str], value, default):
+    """``value`` for every site, or a dict of fnmatch pattern → value (last match wins)."""
+    if isinstance(value, Mapping):
         out = {}
         for name in names:
-            hits = [v for p, v in strength.items() if fnmatch.fnmatchcase(name, p)]
-            out[name] = float(hits[-1]) if hits else 1.0
-    else:
-        out = dict.fromkeys(names, float(strength))
+            hits = [v for p, v in value.items() if fnmatch.fnmatchcase(name, p)]
+            out[name] = hits[-1] if hits else default
+        return out
+    return dict.fromkeys(names, value)
+
+
+def _resolve_strengths(names: list[str], strength: float | Mapping[str, float]) -> dict[str, float]:
+    out = {k: float(v) for k, v in _per_site(names, strength, 1.0).items()}
     bad = {k: v for k, v in out.items() if not 0.0 <= v <= 1.0}
     if bad:
         raise ValueError(f"strength must lie in [0, 1], found {bad}")
+    return out
+
+
+def _resolve_estimates(names: list[str], estimate: str | Mapping[str, str]) -> dict[str, str]:
+    out = _per_site(names, estimate, "batch")
+    bad = {k: v for k, v in out.items() if v not in ESTIMATES}
+    if bad:
+        raise ValueError(f"unknown estimate(s) {bad}; choose from {', '.join(ESTIMATES)}")
     return out
 
 
@@ -203,6 +273,27 @@ class DMC(nn.Module):
         grid_sample: grid mode estimates its knots from this many random positions per channel
             (``None``: from all values); adds a rank error of order ``1/sqrt(grid_sample)``.
         seed: seed of grid mode's sampling (`reset` restarts it).
+        estimate: which test distribution each site matches to its reference (`ESTIMATES`), one
+            for all sites or a dict of fnmatch pattern → estimate (last match wins; unmatched sites
+            use ``"batch"``). Each works in both modes:
+
+            - ``"batch"``: the current batch's values (the default);
+            - ``"prior"``: the blended quantile function ``(n·Q_batch + N0·Q_ref)/(n + N0)``, ``n``
+              the batch size and ``N0 = prior`` (the 1-D Wasserstein barycenter; N0 = 0 is
+              ``batch``, N0 = ∞ the identity);
+            - ``"ema"``: a running quantile function ``Q̂ ← (1 − m)·Q̂ + m·Q_batch`` with
+              ``m = momentum``, starting at ``Q_ref`` and kept across batches until `reset`
+              (m = 1 is ``batch``);
+            - ``"per-sample"``: each sample's channel over its own positions, mapped onto the mean
+              per-sample reference (``stats.per_sample``): the output of a sample does not
+              depend on the rest of the batch. A site with fewer than ``min_positions``
+              positions per sample (or without a per-sample reference) uses ``"prior"`` instead;
+              `fallbacks` and `shift_report` say so.
+
+            The blends use the stats' ``K`` levels.
+        prior: ``N0 >= 0`` of the ``prior`` estimate (``math.inf`` allowed).
+        momentum: ``m`` in ``(0, 1]`` of the ``ema`` estimate.
+        min_positions: fewest positions per sample for the ``per-sample`` estimate.
 
     Example:
         >>> corrected = DMC(model, stats, mode="exact")              # doctest: +SKIP
@@ -213,12 +304,19 @@ class DMC(nn.Module):
     def __init__(self, model: nn.Module, stats: ReferenceStats, *, mode: str = DEFAULT_MODE,
                  strength: float | Mapping[str, float] = 1.0, sites: str | list[str] | None = None,
                  knots: int = DEFAULT_KNOTS, grid_sample: int | None = DEFAULT_GRID_SAMPLE,
-                 seed: int = 0):
+                 seed: int = 0, estimate: str | Mapping[str, str] = "batch", prior: float = 16.0,
+                 momentum: float = 0.1, min_positions: int = 16):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if knots < 2:
             raise ValueError(f"knots must be at least 2, found {knots}")
+        if not float(prior) >= 0:
+            raise ValueError(f"prior (N0) must be >= 0 or inf, found {prior}")
+        if not 0.0 < float(momentum) <= 1.0:
+            raise ValueError(f"momentum must lie in (0, 1], found {momentum}")
+        if min_positions < 2:
+            raise ValueError(f"min_positions must be at least 2, found {min_positions}")
         stats.check(model)
         names = stats.sites
         if sites is not None:
@@ -234,6 +332,19 @@ class DMC(nn.Module):
         self.grid_sample = grid_sample
         self.seed = seed
         self.strengths = _resolve_strengths(names, strength)
+        self.estimates = _resolve_estimates(names, estimate)
+        self.prior = float(prior)
+        self.momentum = float(momentum)
+        self.min_positions = int(min_positions)
+        self.fallbacks: dict[str, str] = {}  # site -> why per-sample became prior
+        for name in names:
+            if self.estimates[name] == "per-sample" and name not in stats.per_sample:
+                if not stats.per_sample:
+                    raise ValueError(
+                        "estimate 'per-sample' needs per-sample reference statistics, and these "
+                        "stats have none: fit them with torch_dmc.fit(..., per_sample=True)")
+                self.fallbacks[name] = "prior: fewer than 2 positions per sample at fit time"
+        self._ema: dict[str, Tensor] = {}  # running quantile tables of the ema estimate
         self._tables: dict[tuple[str, torch.device], Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._grids: dict[tuple, Tensor] = {}  # grid mode's sampling buffers, one per shape
@@ -246,10 +357,11 @@ class DMC(nn.Module):
         """Names of the corrected sites."""
         return [n for n, s in self.strengths.items() if s > 0]
 
-    def _table(self, name: str, device: torch.device) -> Tensor:
-        key = (name, device)
+    def _table(self, name: str, device: torch.device, per_sample: bool = False) -> Tensor:
+        key = (name, device, per_sample)
         if key not in self._tables:
-            self._tables[key] = self.stats.quantiles[name].to(device=device, dtype=torch.float32)
+            source = self.stats.per_sample if per_sample else self.stats.quantiles
+            self._tables[key] = source[name].to(device=device, dtype=torch.float32)
         return self._tables[key]
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -265,21 +377,91 @@ class DMC(nn.Module):
         return self._grids[key]
 
     def reset(self) -> None:
-        """Restart grid mode's random sampling from ``seed`` (results become reproducible again)."""
+        """Restart grid mode's random sampling from ``seed`` and forget the ``ema`` estimates."""
         self._generators.clear()
+        self._ema.clear()
+
+    def estimate_used(self, name: str) -> str:
+        """The estimate a site actually uses (``per-sample`` sites may fall back to ``prior``)."""
+        return "prior" if name in self.fallbacks else self.estimates[name]
 
     def _correct(self, name: str, output: Tensor) -> Tensor:
         self.stats.check_output(name, output)
         axis = self.stats.channel_axes[name] % output.dim()
-        q = self._table(name, output.device)
-        if self.mode == "exact":
-            moved = output.movedim(axis, 0)
-            y = transport_exact(moved.reshape(moved.shape[0], -1), q)
-            y = y.reshape(moved.shape).movedim(0, axis).contiguous()
+        estimate = self.estimate_used(name)
+        if estimate == "per-sample":
+            positions = output.numel() // max(output.shape[0] * output.shape[axis], 1)
+            if positions < self.min_positions:
+                self.fallbacks[name] = (f"prior: {positions} position(s) per sample, fewer than "
+                                        f"min_positions={self.min_positions}")
+                estimate = "prior"
+        if estimate == "per-sample":
+            y = self._correct_per_sample(name, output, axis)
+        elif estimate == "batch" or (estimate == "prior" and self.prior == 0) or (
+                estimate == "ema" and self.momentum == 1.0):
+            y = self._correct_batch(name, output, axis)
+        elif estimate == "prior" and math.isinf(self.prior):
+            return output
         else:
-            y = self._correct_grid(name, output, axis, q)
+            y = self._correct_blended(name, output, axis, estimate)
         lam = self.strengths[name]
         return y if lam == 1.0 else torch.lerp(output, y, lam)
+
+    def _correct_batch(self, name: str, output: Tensor, axis: int) -> Tensor:
+        """Match the batch's values of every channel to the reference (``batch``)."""
+        q = self._table(name, output.device)
+        if self.mode == "grid":
+            return self._correct_grid(name, output, axis, q)
+        moved = output.movedim(axis, 0)
+        y = transport_exact(moved.reshape(moved.shape[0], -1), q)
+        return y.reshape(moved.shape).movedim(0, axis).contiguous()
+
+    def _correct_per_sample(self, name: str, output: Tensor, axis: int) -> Tensor:
+        """Match every sample's channel, over its positions, to the per-sample reference."""
+        q = self._table(name, output.device, per_sample=True)
+        rows = _per_sample_rows(output, axis, None)  # B·C×P, a copy unless already laid out so
+        if self.mode == "exact":
+            y = transport_exact(rows, q)
+        else:
+            knots = min(self.knots, max(32, rows.shape[1] // 4))
+            y = apply_lut(rows, lut_from_sample(rows, q, knots), channel_axis=0)
+        moved = output.movedim(axis, 1)
+        return y.view(moved.shape).movedim(1, axis)
+
+    def _batch_values(self, output: Tensor, axis: int) -> Tensor:
+        """``C×M`` values of the batch: all (exact mode) or grid mode's random sample."""
+        c = output.shape[axis]
+        n = output.numel() // c
+        if self.mode == "grid" and self.grid_sample is not None and self.grid_sample < n:
+            return sample_channel_values(output, axis, self.grid_sample, self._generator(output.device))
+        return output.movedim(axis, 0).reshape(c, n)
+
+    def _correct_blended(self, name: str, output: Tensor, axis: int, estimate: str) -> Tensor:
+        """``prior`` and ``ema``: match to the reference through an estimated quantile function."""
+        q_ref = self._table(name, output.device)
+        values = self._batch_values(output, axis)
+        q_batch = empirical_quantiles(values, q_ref.shape[1])
+        if estimate == "prior":
+            n = output.shape[0]
+            q_test = torch.lerp(q_batch, q_ref, self.prior / (self.prior + n))
+        else:
+            previous = self._ema.get(name, q_ref)
+            q_test = torch.lerp(previous, q_batch, self.momentum)
+            self._ema[name] = q_test
+        if self.mode == "exact":
+            moved = output.movedim(axis, 0)
+            y = transport_quantiles(moved.reshape(moved.shape[0], -1), q_test, q_ref)
+            return y.reshape(moved.shape).movedim(0, axis).contiguous()
+        # grid: an equal-mass sample of the estimated distribution stands for the batch's values
+        knots = min(self.knots, max(32, values.shape[1] // 4))
+        m = 4 * knots
+        mid = ((torch.arange(m, device=output.device, dtype=torch.float32) + 0.5) / m)
+        pseudo = interp_quantiles(q_test, mid.expand(q_test.shape[0], -1))
+        lut = lut_from_sample(pseudo, q_ref, knots)
+        if _is_channels_last(output, axis):
+            view = output.permute(0, 2, 3, 1)
+            return apply_lut(view, lut, 3, self._grid(view, 3)).permute(0, 3, 1, 2)
+        return apply_lut(output, lut, axis, self._grid(output, axis))
 
     def _correct_grid(self, name: str, output: Tensor, axis: int, q: Tensor) -> Tensor:
         """Grid mode on one site's output, in the output's own memory layout."""
@@ -331,22 +513,25 @@ def corrected(model: nn.Module, stats: ReferenceStats, **options) -> Iterator[DM
 
 
 def shift_report(model: nn.Module, stats: ReferenceStats, batch: Tensor,
-                 **options) -> dict[str, dict[str, float]]:
+                 **options) -> dict[str, dict[str, float | str]]:
     """Per site, the mean per-channel W1 distance to the reference before and after correction.
 
     "Before" is the plain model's site output, "after" the corrected model's site output (with
-    upstream sites corrected too). W1 is the quantity the exact transport minimises.
+    upstream sites corrected too). W1 is the quantity the exact transport minimises (measured
+    against the pooled reference, whatever the estimate).
 
     Args:
         model: the network.
         stats: its reference statistics.
         batch: an input batch.
-        **options: options of `DMC` (mode, strength, sites, …).
+        **options: options of `DMC` (mode, strength, sites, estimate, …).
 
     Returns:
-        ``{site: {"before": w1, "after": w1}}`` in model order.
+        ``{site: {"before": w1, "after": w1, "estimate": used}}`` in model order; ``estimate``
+        is the estimate the site used, with the reason where ``per-sample`` fell back to
+        ``prior`` (``"prior (per-sample fallback: …)"``); sites not corrected say ``"none"``.
     """
-    report: dict[str, dict[str, float]] = {}
+    report: dict[str, dict[str, float | str]] = {}
 
     def measure(key: str):
         def hook(name: str, output: Tensor) -> None:
@@ -368,13 +553,21 @@ def shift_report(model: nn.Module, stats: ReferenceStats, batch: Tensor,
         run(model, "before")
         with corrected(model, stats, **options) as m:
             run(m, "after")  # measured after DMC's own hook: the corrected output
+            for name in report:
+                if name not in m.sites:
+                    report[name]["estimate"] = "none"
+                elif name in m.fallbacks:
+                    report[name]["estimate"] = f"prior (per-sample fallback: {m.fallbacks[name]})"
+                else:
+                    report[name]["estimate"] = m.estimates[name]
     return report
 
 
-def format_shift_report(report: Mapping[str, Mapping[str, float]]) -> str:
+def format_shift_report(report: Mapping[str, Mapping[str, float | str]]) -> str:
     """The output of `shift_report` as a Markdown table with the relative reduction."""
-    lines = ["| site | W1 before | W1 after | reduction |", "|---|---:|---:|---:|"]
+    lines = ["| site | estimate | W1 before | W1 after | reduction |", "|---|---|---:|---:|---:|"]
     for name, row in report.items():
         red = 1 - row["after"] / row["before"] if row["before"] > 0 else 0.0
-        lines.append(f"| {name} | {row['before']:.4f} | {row['after']:.4f} | {red:.0%} |")
+        lines.append(f"| {name} | {row.get('estimate', '')} | {row['before']:.4f} | "
+                     f"{row['after']:.4f} | {red:.0%} |")
     return "\n".join(lines)

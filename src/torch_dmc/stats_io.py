@@ -40,6 +40,10 @@ class ReferenceStats:
         module_types: site name → class name of the site module.
         fingerprint: `torch_dmc.sites.site_fingerprint` of the model the stats were fitted on.
         info: free JSON-serialisable facts about the fit (images, batches, rank-error bound, …).
+        per_sample: site name → ``C×K`` mean per-sample quantile function (the barycenter of the
+            per-sample distributions of each channel over its positions), the reference of the
+            ``per-sample`` estimate; only sites with at least 2 positions per sample. Empty for
+            stats fitted without it.
     """
 
     quantiles: dict[str, Tensor]
@@ -47,6 +51,7 @@ class ReferenceStats:
     module_types: dict[str, str]
     fingerprint: str
     info: dict = field(default_factory=dict)
+    per_sample: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -65,19 +70,23 @@ class ReferenceStats:
 
     def nbytes(self) -> int:
         """Bytes of the stored tables."""
-        return sum(q.numel() * q.element_size() for q in self.quantiles.values())
+        tables = [*self.quantiles.values(), *self.per_sample.values()]
+        return sum(q.numel() * q.element_size() for q in tables)
 
     def to(self, device: torch.device | str) -> ReferenceStats:
         """A copy with the tables on ``device``."""
         return ReferenceStats({k: v.to(device) for k, v in self.quantiles.items()},
                               dict(self.channel_axes), dict(self.module_types), self.fingerprint,
-                              dict(self.info))
+                              dict(self.info), {k: v.to(device) for k, v in self.per_sample.items()})
 
     def checksum(self) -> str:
         """SHA-256 of the tables and metadata (for results' provenance)."""
         h = hashlib.sha256(json.dumps(self._metadata(), sort_keys=True).encode())
         for name, q in self.quantiles.items():
             h.update(name.encode())
+            h.update(q.detach().cpu().contiguous().numpy().tobytes())
+        for name, q in self.per_sample.items():
+            h.update(f"per_sample/{name}".encode())
             h.update(q.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
@@ -113,7 +122,7 @@ class ReferenceStats:
                 f"output shape {tuple(output.shape)}: were the stats fitted on another model?")
 
     def _metadata(self) -> dict:
-        return {
+        meta = {
             "format_version": FORMAT_VERSION,
             "sites": self.sites,
             "channel_axes": self.channel_axes,
@@ -122,11 +131,16 @@ class ReferenceStats:
             "fingerprint": self.fingerprint,
             "info": self.info,
         }
+        if self.per_sample:  # absent from older files (and their checksums stay as they were)
+            meta["per_sample_sites"] = list(self.per_sample)
+        return meta
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file: one ``C×K`` tensor per site plus JSON metadata."""
+        """Write a safetensors file: ``C×K`` tensors per site plus JSON metadata."""
         tensors = {f"quantiles/{name}": q.detach().cpu().contiguous()
                    for name, q in self.quantiles.items()}
+        tensors.update({f"per_sample/{name}": q.detach().cpu().contiguous()
+                        for name, q in self.per_sample.items()})
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self._metadata())})
 
     @classmethod
@@ -161,7 +175,9 @@ class ReferenceStats:
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path} has format version {meta['format_version']}; this torch-dmc "
                              f"reads up to {FORMAT_VERSION}: upgrade torch-dmc")
+        per_sample_sites = meta.get("per_sample_sites", [])
         missing = [s for s in meta["sites"] if f"quantiles/{s}" not in tensors]
+        missing += [f"per_sample/{s}" for s in per_sample_sites if f"per_sample/{s}" not in tensors]
         if missing:
             raise ValueError(f"{path} is damaged: no table for sites {missing[:5]}")
         stats = cls(
@@ -170,6 +186,7 @@ class ReferenceStats:
             module_types=dict(meta["module_types"]),
             fingerprint=meta["fingerprint"],
             info=meta.get("info", {}),
+            per_sample={s: tensors[f"per_sample/{s}"] for s in per_sample_sites},
         )
         if model is not None:
             stats.check(model)

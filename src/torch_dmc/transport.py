@@ -30,6 +30,9 @@ __all__ = [
     "interp_quantiles",
     "transport_exact",
     "wasserstein1",
+    "empirical_quantiles",
+    "quantile_cdf",
+    "transport_quantiles",
     "Lut",
     "lut_from_sample",
     "lut_grid",
@@ -105,19 +108,26 @@ def interp_quantiles(q: Tensor, u: Tensor) -> Tensor:
 
     Args:
         q: ``C×K`` quantile table at levels ``j / (K - 1)`` (``K >= 2``), each row non-decreasing.
-        u: ``C×M`` levels; values outside ``[0, 1]`` are clamped.
+        u: ``C×M`` levels; values outside ``[0, 1]`` are clamped. Per-sample use: ``B·C`` rows
+            ordered (sample, channel), row ``b·C + c`` read with table row ``c``.
 
     Returns:
-        ``C×M`` values ``Q(u)`` in the dtype of ``q``.
+        ``C×M`` (or ``B·C×M``) values ``Q(u)`` in the dtype of ``q``.
     """
     _check_matrix(q, "q")
     k = q.shape[1]
     if k < 2:
         raise ValueError(f"a quantile table needs at least 2 levels, found {k}")
-    if u.dim() != 2 or u.shape[0] != q.shape[0]:
+    c = q.shape[0]
+    if u.dim() != 2 or u.shape[0] % c != 0:
         raise ValueError(
-            f"levels must be C×M with C={q.shape[0]} rows like the table, found {tuple(u.shape)}"
+            f"levels must be C×M with C={c} rows like the table (or B·C rows, sample-major), "
+            f"found {tuple(u.shape)}"
         )
+    if u.shape[0] != c:  # B·C rows ordered (sample, channel): channel c uses row c of q
+        b, m = u.shape[0] // c, u.shape[1]
+        flat = u.view(b, c, m).transpose(0, 1).reshape(c, b * m)
+        return interp_quantiles(q, flat).view(c, b, m).transpose(0, 1).reshape(b * c, m)
     pos = u.to(q.dtype).clamp(0, 1) * (k - 1)
     lo = pos.floor().clamp_(max=k - 2)
     frac = pos - lo
@@ -133,15 +143,17 @@ def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
     This is the reference implementation, ``O(N log N)`` per channel (one full sort).
 
     Args:
-        x: ``C×N`` values of one batch, channel-major.
+        x: ``C×N`` values of one batch, channel-major; or ``B·C×N`` rows ordered (sample,
+            channel), each row transported on its own with the table of its channel (per-sample
+            correction).
         q_ref: ``C×K`` reference quantile table (levels ``j / (K - 1)``).
 
     Returns:
-        ``C×N`` corrected values, in the dtype of ``x``.
+        Corrected values, shape and dtype of ``x``.
     """
     _check_matrix(x)
-    if q_ref.shape[0] != x.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} channels but the reference has {q_ref.shape[0]}")
+    if x.shape[0] % q_ref.shape[0] != 0:
+        raise ValueError(f"x has {x.shape[0]} rows but the reference has {q_ref.shape[0]} channels")
     n = x.shape[1]
     sorted_x, order = x.sort(dim=1)
     first, last = tie_run_bounds(sorted_x)
@@ -168,6 +180,86 @@ def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:
     sorted_x = x.sort(dim=1).values.to(q_ref.dtype)
     u = ((torch.arange(n, device=x.device, dtype=q_ref.dtype) + 0.5) / n).expand(x.shape[0], -1)
     return (sorted_x - interp_quantiles(q_ref, u)).abs().mean(dim=1)
+
+
+def empirical_quantiles(x: Tensor, levels: int) -> Tensor:
+    """Quantile table of each row's values at ``levels`` evenly spaced levels, endpoints included.
+
+    The same convention as the reference tables (`torch_dmc.sketch.QuantileSketch.quantiles`):
+    level 0 is the minimum, level 1 the maximum, and in between the sorted values sit at their
+    midpoint levels ``(i + 1/2) / N``, interpolated linearly. One sort per row.
+
+    Args:
+        x: ``R×N`` values (``N >= 1``).
+        levels: ``K >= 2``.
+
+    Returns:
+        ``R×K`` float32 table, non-decreasing along each row.
+    """
+    _check_matrix(x)
+    if levels < 2:
+        raise ValueError(f"levels must be at least 2 (both endpoints), found {levels}")
+    r, n = x.shape
+    v = x.float().sort(dim=1).values
+    t = torch.linspace(0, 1, levels, device=x.device)
+    pos = (t * n - 0.5).clamp(0, n - 1)  # fractional index of level t among the midpoints
+    lo = pos.floor().long().clamp_(max=max(n - 2, 0))
+    hi = (lo + 1).clamp_(max=n - 1)
+    frac = (pos - lo).clamp(0, 1).expand(r, -1)
+    return torch.lerp(v[:, lo], v[:, hi], frac)
+
+
+def quantile_cdf(q: Tensor, x: Tensor) -> Tensor:
+    """The levels ``F(x)`` of values under a quantile table: the inverse of `interp_quantiles`.
+
+    ``F`` is the inverse of the piecewise-linear quantile function through ``q``. A value on a
+    flat run of the table (an atom: several levels with the same value) gets the middle of that
+    run's levels, so equal inputs get equal levels, as average ranks do. Values below ``q[:, 0]``
+    get 0 and above ``q[:, -1]`` get 1.
+
+    Args:
+        q: ``C×K`` quantile table, rows non-decreasing.
+        x: ``C×N`` values.
+
+    Returns:
+        ``C×N`` levels in ``[0, 1]`` (float32).
+    """
+    _check_matrix(q, "q")
+    _check_matrix(x)
+    if x.shape[0] != q.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} channels but the table has {q.shape[0]}")
+    k = q.shape[1]
+    q = q.float().contiguous()
+    xf = x.float().contiguous()
+
+    def side(right: bool) -> Tensor:
+        hi = torch.searchsorted(q, xf, right=right).clamp_(1, k - 1)
+        lo = hi - 1
+        q0, q1 = q.gather(1, lo), q.gather(1, hi)
+        frac = ((xf - q0) / (q1 - q0)).nan_to_num_(0.5).clamp_(0, 1)
+        return (lo + frac) / (k - 1)
+
+    level = (side(False) + side(True)) / 2
+    level = torch.where(xf < q[:, :1], 0.0, level)
+    return torch.where(xf > q[:, -1:], 1.0, level)
+
+
+def transport_quantiles(x: Tensor, q_test: Tensor, q_ref: Tensor) -> Tensor:
+    """Transport with an estimated test quantile function: ``T(x) = Q_ref(F_test(x))``.
+
+    The exact map of the ``prior`` and ``ema`` estimates (DESIGN §1): ``F_test`` is the inverse of
+    the table ``q_test`` (see `quantile_cdf`), e.g. a blend of the batch's and the reference's
+    quantile functions. Monotone, and equal inputs give equal outputs.
+
+    Args:
+        x: ``C×N`` values.
+        q_test: ``C×K'`` estimated test quantile table.
+        q_ref: ``C×K`` reference quantile table.
+
+    Returns:
+        ``C×N`` corrected values, in the dtype of ``x``.
+    """
+    return interp_quantiles(q_ref, quantile_cdf(q_test, x)).to(x.dtype)
 
 
 class Lut(NamedTuple):

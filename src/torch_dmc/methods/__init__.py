@@ -1,4 +1,5 @@
-"""Test-time methods under one interface: source, bn, bn-prior, bn-ema, tent and dmc.
+"""Test-time methods under one interface: source, bn, bn-prior, bn-ema, tent, and dmc with its
+estimates (dmc-prior, dmc-ema, dmc-per-sample).
 
 Every method is an ``nn.Module`` built around a private deep copy of the caller's model (made once;
 the caller's model is never modified). ``forward(x)`` adapts (if the method adapts) and returns the
@@ -17,7 +18,7 @@ from __future__ import annotations
 from torch import nn
 
 from .base import Method
-from .dmc import DMCMethod
+from .dmc import DMCEMA, DMCMethod, DMCPerSample, DMCPrior
 from .norm import (
     BN,
     BNEMA,
@@ -33,7 +34,7 @@ from .tent import Tent
 
 #: Method name → class.
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Source, BN, BNPrior, BNEMA, Tent, DMCMethod)
+    cls.name: cls for cls in (Source, BN, BNPrior, BNEMA, Tent, DMCMethod, DMCPrior, DMCEMA, DMCPerSample)
 }
 
 
@@ -73,7 +74,10 @@ __all__ = [
     "METHODS",
     "BNPrior",
     "BatchStatistics",
+    "DMCEMA",
     "DMCMethod",
+    "DMCPerSample",
+    "DMCPrior",
     "EMAStatistics",
     "Method",
     "PriorStatistics",

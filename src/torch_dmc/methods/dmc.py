@@ -101,3 +101,74 @@ class DMCMethod(Method):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.corrector(x)
+
+
+class _FixedEstimate(DMCMethod):
+    """``dmc`` with the test-distribution estimate fixed (the ``estimate`` option is not accepted)."""
+
+    estimate = ""
+
+    def __init__(self, model: nn.Module, stats, *, adapt_bn: bool = False, **options: Any) -> None:
+        if "estimate" in options:
+            raise ValueError(
+                f"method {self.name!r} always uses estimate={self.estimate!r}; use method 'dmc' "
+                "with estimate=... to choose another"
+            )
+        super().__init__(model, stats, adapt_bn=adapt_bn, estimate=self.estimate, **options)
+
+    @classmethod
+    def valid_options(cls) -> tuple[str, ...]:
+        return tuple(o for o in super().valid_options() if o != "estimate")
+
+
+class DMCPrior(_FixedEstimate):
+    """DMC matching a blend of the batch and the reference (``dmc-prior``), for small batches.
+
+    Definition: ``dmc`` with ``estimate="prior"``: every site maps the batch through the test
+    quantile function (n·Q_batch + N0·Q_ref)/(n + N0), n the batch size, N0 = ``prior``
+    (default 16), onto Q_ref. Options as for ``dmc`` (except ``estimate``).
+    """
+
+    name = "dmc-prior"
+    estimate = "prior"
+    definition = (
+        "DMC with the prior estimate: each site's test quantile function is (n·Q_batch + "
+        "N0·Q_ref)/(n + N0), n the batch size, N0 = prior (the 1-D Wasserstein barycenter of batch "
+        "and reference), and the activations are mapped through it onto Q_ref."
+    )
+
+
+class DMCEMA(_FixedEstimate):
+    """DMC matching a running estimate of the test distribution (``dmc-ema``), for streams.
+
+    Definition: ``dmc`` with ``estimate="ema"``: each site keeps Q̂ ← (1 − m)·Q̂ + m·Q_batch
+    (starting at Q_ref, m = ``momentum``, default 0.1) across the batches of a stream until
+    ``reset()``, and maps each batch through Q̂ onto Q_ref.
+    """
+
+    name = "dmc-ema"
+    estimate = "ema"
+    definition = (
+        "DMC with the ema estimate: each site keeps a running test quantile function "
+        "Q̂ ← (1 − m)·Q̂ + m·Q_batch, starting at Q_ref, across the stream until reset, and maps "
+        "each batch through it onto Q_ref."
+    )
+
+
+class DMCPerSample(_FixedEstimate):
+    """DMC on every sample alone (``dmc-per-sample``): independent of batch size and batch mix.
+
+    Definition: ``dmc`` with ``estimate="per-sample"``: each sample's channel is mapped over its
+    own spatial positions onto the mean per-sample reference quantile function; sites with fewer
+    than ``min_positions`` positions per sample use the ``prior`` estimate. Needs stats fitted with
+    ``per_sample=True`` (the default of ``torch_dmc.fit``).
+    """
+
+    name = "dmc-per-sample"
+    estimate = "per-sample"
+    definition = (
+        "DMC with the per-sample estimate: each sample's channel is mapped over its own spatial "
+        "positions onto the mean per-sample reference quantile function (fitted on source data), "
+        "so outputs do not depend on the other samples of the batch; sites with fewer than "
+        "min_positions positions per sample use the prior estimate."
+    )
