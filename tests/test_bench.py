@@ -16,10 +16,18 @@ import torch
 from torch import nn
 
 from torch_dmc.bench import cli, runner
-from torch_dmc.bench.metrics import COLUMNS, Summary, read_results
-from torch_dmc.bench.protocol import CLEAN, Protocol, parse_int_list
+from torch_dmc.bench.metrics import COLUMNS, TIMING_COLUMNS, Summary, done_cells, read_results
+from torch_dmc.bench.protocol import CLEAN, Cell, Protocol, parse_int_list
+from torch_dmc.bench.streams import (
+    canonical_stream,
+    label_shift_order,
+    parse_stream,
+    parse_stream_list,
+    stream_name,
+    stream_order,
+)
 from torch_dmc.bench.tune import TuneGrid, TuneProtocol, candidates, resolve_site_set
-from torch_dmc.data import CorruptionCache, ImageData
+from torch_dmc.data import CorruptionCache, ImageData, batches
 
 METHODS = ["source", "bn", "bn-prior", "bn-ema", "tent", "dmc"]
 
@@ -122,6 +130,140 @@ def test_protocol_validation():
         small_protocol(corruptions=["clean"])
 
 
+# -- streams -----------------------------------------------------------------------------------
+def balanced_labels(n: int = 2000, classes: int = 10) -> np.ndarray:
+    return np.random.default_rng(0).permutation(np.arange(n) % classes)
+
+
+def mean_run_length(labels: np.ndarray) -> float:
+    """Mean length of the runs of equal consecutive labels."""
+    return len(labels) / (1 + int((np.diff(labels) != 0).sum()))
+
+
+def majority_share(labels: np.ndarray, batch: int = 100) -> float:
+    """Mean over batches of the share of the batch's most frequent class."""
+    return float(
+        np.mean([np.bincount(labels[i : i + batch]).max() / batch for i in range(0, len(labels), batch)])
+    )
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.1, 1.0, 100.0])
+def test_label_shift_order_is_a_seeded_permutation(alpha):
+    y = balanced_labels()
+    order = label_shift_order(y, alpha, seed=3)
+    assert order.dtype == torch.int64 and order.shape == (len(y),)
+    assert torch.equal(order.sort().values, torch.arange(len(y)))  # the same images, each once
+    assert torch.equal(order, label_shift_order(y, alpha, seed=3))  # reproducible from the seed
+    assert torch.equal(order, label_shift_order(torch.from_numpy(y), alpha, seed=3))  # tensor labels
+    assert not torch.equal(order, label_shift_order(y, alpha, seed=4))  # another seed, another order
+    assert torch.equal(stream_order(stream_name(alpha), y, 3), order)
+
+
+def test_label_shift_small_alpha_gives_long_runs_of_one_class():
+    y = balanced_labels()
+    seeds = range(5)
+
+    def measure(stream):
+        labels = [y[stream_order(stream, y, s).numpy()] for s in seeds]
+        return np.mean([mean_run_length(v) for v in labels]), np.mean([majority_share(v) for v in labels])
+
+    iid_run, iid_major = measure("iid")
+    run_001, major_001 = measure("label-shift-0.01")
+    run_01, major_01 = measure("label-shift-0.1")
+    run_10, major_10 = measure("label-shift-10")
+    assert iid_run < 1.2 and iid_major < 0.2
+    assert run_001 > 5 * iid_run and major_001 > 0.8  # long runs: batches mostly one class
+    assert run_01 > 5 * iid_run and major_01 > 0.6
+    assert major_10 < major_01 < major_001  # a larger alpha mixes the classes more
+
+
+def test_iid_stream_order_is_the_historical_one():
+    y = torch.from_numpy(balanced_labels(50))
+    for seed in (0, 7):
+        assert torch.equal(stream_order("iid", y, seed), batches(y, y, 8, shuffle=True, seed=seed).order())
+
+
+def test_stream_names():
+    assert parse_stream("iid") is None and stream_name(None) == "iid"
+    assert parse_stream("label-shift-0.1") == 0.1 and stream_name(0.1) == "label-shift-0.1"
+    assert stream_name(0.001) == "label-shift-0.001" and stream_name(10) == "label-shift-10"
+    assert canonical_stream("label-shift-0.10") == "label-shift-0.1"
+    assert parse_stream_list("iid, label-shift-0.10,label-shift-0.1") == ["iid", "label-shift-0.1"]
+    for bad in ("foo", "IID", "label-shift-", "label-shift-0", "label-shift--1", "label-shift-x",
+                "label-shift-inf", "label-shift-nan"):  # fmt: skip
+        with pytest.raises(ValueError, match=r"'label-shift-<alpha>'"):
+            parse_stream(bad)
+    with pytest.raises(ValueError, match="positive"):
+        stream_name(0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        label_shift_order(balanced_labels(10), -1.0, seed=0)
+    with pytest.raises(ValueError, match=r"shape \(N,\)"):
+        label_shift_order(np.zeros((2, 3), dtype=np.int64), 0.1, seed=0)
+
+
+def test_protocol_streams():
+    two = dict(methods=["source", "bn"], corruptions=["contrast"])
+    p = small_protocol(**two, streams=["iid", "label-shift-0.10"])
+    assert p.streams == ["iid", "label-shift-0.1"]
+    assert small_protocol().streams == ["iid"]
+    cells = p.cells()
+    assert len(cells) == len(set(cells)) == 2 * 2 * 2  # methods × (clean, contrast) × streams
+    # within a data set: stream, then seed, batch size, method
+    clean = [(c.stream, c.method) for c in cells if c.corruption == CLEAN]
+    shifted = "label-shift-0.1"
+    assert clean == [("iid", "source"), ("iid", "bn"), (shifted, "source"), (shifted, "bn")]
+    assert Protocol.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    old = small_protocol().to_dict()
+    del old["streams"]  # a config.json from before streams existed
+    assert Protocol.from_dict(old).streams == ["iid"]
+    assert p.result_identity() == small_protocol(**two).result_identity()  # streams add cells only
+    args = p.command_args()
+    assert args[args.index("--streams") + 1] == "iid,label-shift-0.1"
+    assert "--streams" not in small_protocol().command_args()
+    with pytest.raises(ValueError, match="unknown stream 'shuffled'"):
+        small_protocol(streams=["shuffled"])
+    with pytest.raises(ValueError, match="no stream"):
+        small_protocol(streams=[])
+
+
+class _Recorder(nn.Module):
+    """A "method" that records the images it is shown (their values are their indices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen += x.flatten(1)[:, 0].long().tolist()
+        return torch.zeros(len(x), 10)
+
+
+def test_stream_errors_draws_batches_in_the_stream_order():
+    y = torch.from_numpy(balanced_labels(60))
+    x = torch.arange(60).float().view(60, 1, 1, 1)
+    for stream in ("iid", "label-shift-0.1"):
+        rec = _Recorder()
+        ((n, wrong, _), (n2, _, _)) = runner.stream_errors(rec, [(x, y), (x, y)], 7, 5, stream=stream)
+        assert n == n2 == 60 and wrong == int((y != 0).sum())
+        expected = stream_order(stream, y, 5).tolist()
+        assert rec.seen == expected + expected  # each (continual) segment ordered by the stream
+    assert expected != stream_order("iid", y, 5).tolist()
+
+
+def test_summary_does_not_mix_streams():
+    def row(stream, error, severity=5, seed=0):
+        return {"method": "m", "corruption": "a", "severity": severity, "batch_size": 8, "seed": seed,
+                "stream": stream, "n": 10, "n_wrong": int(error / 10), "error": error}  # fmt: skip
+
+    rows = [row("label-shift-0.1", 50.0), row("iid", 10.0), row("iid", 30.0, seed=1)]
+    s = Summary(rows, streams=["iid", "label-shift-0.1"])
+    assert s.streams == ["iid", "label-shift-0.1"] and s.stream == "iid"
+    assert s.error("m", "a", 5, 8) == 20.0  # the primary stream, iid, seeds averaged
+    assert s.error("m", "a", 5, 8, "label-shift-0.1") == 50.0
+    assert s.overall_mean("m", 8, "label-shift-0.1") == 50.0
+    assert Summary(rows).stream == "label-shift-0.1"  # default: first appearance
+
+
 # -- runner ------------------------------------------------------------------------------------
 def test_every_method_runs_schema_report_plots(model, data, tmp_path):
     p = small_protocol(corruptions=["contrast"], batch_sizes=[8, 16])
@@ -216,6 +358,76 @@ def test_resume_skips_finished_cells(model, data, tmp_path, monkeypatch):
             tmp_path,
             resume=True,
         )
+
+
+def test_label_shift_end_to_end(model, data, tmp_path):
+    streams = ["iid", "label-shift-0.1"]
+    p = small_protocol(
+        methods=["source", "bn"], corruptions=["contrast"], batch_sizes=[4, 8], streams=streams
+    )
+    out = tmp_path / "run"
+    run(p, out, model, data, tmp_path, plots=True)
+    for name, columns in (("results.csv", COLUMNS), ("timings.csv", TIMING_COLUMNS)):
+        with open(out / name, newline="") as fh:
+            header = tuple(next(csv.reader(fh)))
+        assert header == columns and header.index("stream") == header.index("seed") + 1
+    rows = read_results(out / "results.csv")
+    assert len(rows) == len(p.cells()) == 2 * 2 * 2 * 2
+    assert {r["stream"] for r in rows} == {"iid", "label-shift-0.1"}
+    assert done_cells(rows) == set(p.cells())
+    # the same images in another order: source (no adaptation) makes the same mistakes
+    key = ("corruption", "batch_size", "stream")
+    src = {tuple(r[k] for k in key): r["n_wrong"] for r in rows if r["method"] == "source"}
+    for (c, b, stream), wrong in src.items():
+        assert wrong == src[(c, b, "iid")], stream
+    for png in ("batch_size.png", "batch_size_label-shift-0.1.png", "streams.png"):
+        assert (out / png).stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "## iid vs label-shifted streams" in report and "Δ label-shift-0.1 (pp)" in report
+    assert "stream iid" in report and "(streams.png)" in report
+    # continual: the order applies within each corruption segment; source is still unchanged
+    pc = small_protocol(methods=["source"], continual=True, streams=["label-shift-0.1"])
+    run(pc, tmp_path / "cont", model, data, tmp_path)
+    cont = read_results(tmp_path / "cont" / "results.csv")
+    assert {r["stream"] for r in cont} == {"label-shift-0.1"} and len(cont) == 3
+
+
+def test_resume_old_results_without_stream_column(model, data, tmp_path, monkeypatch):
+    p = small_protocol(methods=["source", "bn"], corruptions=["contrast"])
+    out = tmp_path / "old"
+    run(p, out, model, data, tmp_path)
+    new_rows = read_results(out / "results.csv")
+    # make the folder look like one written before streams existed
+    for name in ("results.csv", "timings.csv"):
+        with open(out / name, newline="") as fh:
+            table = list(csv.reader(fh))
+        at = table[0].index("stream")
+        with open(out / name, "w", newline="") as fh:
+            csv.writer(fh, lineterminator="\n").writerows([r[:at] + r[at + 1 :] for r in table])
+    config = json.loads((out / "config.json").read_text())
+    del config["protocol"]["streams"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert "stream" not in (out / "results.csv").read_text().splitlines()[0]
+    assert read_results(out / "results.csv") == new_rows  # read as iid rows
+    calls = []
+    real = runner.stream_errors
+    monkeypatch.setattr(runner, "stream_errors", lambda *a, **k: calls.append(k["stream"]) or real(*a, **k))
+    run(p, out, model, data, tmp_path, resume=True)
+    assert calls == []  # every (iid) cell is already there
+    with open(out / "results.csv", newline="") as fh:
+        assert tuple(next(csv.reader(fh))) == COLUMNS  # the column was added
+    assert read_results(out / "results.csv") == new_rows
+    # adding a label-shifted stream to the old folder computes exactly its cells
+    p2 = small_protocol(
+        methods=["source", "bn"], corruptions=["contrast"], streams=["iid", "label-shift-1e-1"]
+    )
+    run(p2, out, model, data, tmp_path, resume=True)
+    assert calls == ["label-shift-0.1"] * 4
+    rows = read_results(out / "results.csv")
+    assert done_cells(rows) == set(p2.cells())
+    assert Cell("bn", "contrast", 5, 8, 0, "label-shift-0.1") in done_cells(rows)
+    timings = (out / "timings.csv").read_text().splitlines()
+    assert timings[0].split(",") == list(TIMING_COLUMNS) and len(timings) == 1 + len(rows)
 
 
 def test_continual(model, data, tmp_path):
@@ -339,6 +551,29 @@ def test_cli_npz_and_bad_files(tmp_path, fake_models, capsys):
     rc = cli.run_bench(bench_args("--data", str(partial), "--out", str(tmp_path / "o3"), "--no-progress"))
     assert rc == 2
     assert "y_train" in capsys.readouterr().err
+
+
+def test_cli_streams_and_label_shift(tmp_path, capsys):
+    p, _ = cli.bench_protocol(bench_args())
+    assert p.streams == ["iid"]
+    p, _ = cli.bench_protocol(bench_args("--label-shift", "0.1"))
+    assert p.streams == ["iid", "label-shift-0.1"]  # one command gives both bars
+    p, _ = cli.bench_protocol(bench_args("--streams", "label-shift-0.01", "--label-shift", "0.01"))
+    assert p.streams == ["label-shift-0.01"]
+    p, _ = cli.bench_protocol(bench_args("--streams", "iid,label-shift-0.1", "--label-shift", "1"))
+    assert p.streams == ["iid", "label-shift-0.1", "label-shift-1"]
+    assert p.command_args()[p.command_args().index("--streams") + 1] == "iid,label-shift-0.1,label-shift-1"
+    with pytest.raises(ValueError, match="--streams: unknown stream 'shuffle'"):
+        cli.bench_protocol(bench_args("--streams", "iid,shuffle"))
+    out = str(tmp_path / "o")
+    assert cli.run_bench(bench_args("--streams", "label-shift-abc", "--out", out, "--no-progress")) == 2
+    assert "expected 'iid' or 'label-shift-<alpha>'" in capsys.readouterr().err
+    assert cli.run_bench(bench_args("--label-shift", "0", "--out", out, "--no-progress")) == 2
+    assert "--label-shift" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    parser = argparse.ArgumentParser()
+    cli.add_bench_arguments(parser)
+    assert "label-shift-0.1" in " ".join(parser.format_help().split())
 
 
 def test_cli_quick_defaults_and_flags_win():

@@ -1,9 +1,10 @@
 """The benchmark: ``dmc bench`` (methods × corruptions × severities) and ``dmc tune``.
 
-Modules: :mod:`.protocol` (the serialisable :class:`Protocol` and its cells), :mod:`.runner`
-(fit or reuse stats, stream every cell, write the results folder), :mod:`.metrics` (the
-``results.csv`` schema and the means), :mod:`.report` (``report.md``), :mod:`.plots` (PNGs),
-:mod:`.tune` (choosing DMC's options on validation corruptions only) and :mod:`.cli` (flags).
+Modules: :mod:`.protocol` (the serialisable :class:`Protocol` and its cells), :mod:`.streams`
+(iid and label-shifted test-stream orders), :mod:`.runner` (fit or reuse stats, stream every
+cell, write the results folder), :mod:`.metrics` (the ``results.csv`` schema and the means),
+:mod:`.report` (``report.md``), :mod:`.plots` (PNGs), :mod:`.tune` (choosing DMC's options on
+validation corruptions only) and :mod:`.cli` (flags).
 
 The core package never imports this one.
 

@@ -19,6 +19,7 @@ import torch
 from ..data import corruptions
 from . import provenance
 from .protocol import DEFAULT_METHODS, QUICK_CORRUPTIONS, Protocol, parse_int_list, parse_name_list
+from .streams import IID, parse_stream_list, stream_name
 
 __all__ = ["add_bench_arguments", "run_bench", "add_tune_arguments", "run_tune"]
 
@@ -72,7 +73,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``dmc bench`` flags to ``parser``."""
     parser.description = (
         "Benchmark test-time methods on corrupted test images (DESIGN §3): every method × "
-        "corruption × severity × batch size × seed is one cell of results.csv. Episodic by "
+        "corruption × severity × batch size × seed × stream is one cell of results.csv. Episodic by "
         "default (a fresh method per cell)."
     )
     _common(parser)
@@ -96,7 +97,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds",
         default="0",
-        help="stream seeds: each permutes the order of the test images (default 0)",
+        help="stream seeds: each gives another order of the test images (default 0)",
+    )
+    parser.add_argument(
+        "--streams",
+        default=IID,
+        help="test-stream orders, a comma list of 'iid' (a seeded shuffle) and "
+        "'label-shift-<alpha>' (the same images with the classes in a Dirichlet(alpha) mixture over "
+        "time: small alpha, long runs of one class); each stream is a separate cell, column "
+        "'stream' of results.csv (default iid)",
+    )
+    parser.add_argument(
+        "--label-shift",
+        type=float,
+        action="append",
+        default=None,
+        metavar="ALPHA",
+        help="add the stream label-shift-ALPHA to --streams (repeatable); as --streams defaults to "
+        "iid, `--label-shift 0.1` alone runs both iid and label-shift-0.1, and the report compares "
+        "them",
     )
     parser.add_argument(
         "--all-seeds-at",
@@ -174,6 +193,26 @@ def _fail(message: str) -> int:
     return 2
 
 
+def bench_streams(args) -> list[str]:
+    """The streams that ``--streams`` and ``--label-shift`` give (canonical names, in order).
+
+    Raises:
+        ValueError: a bad stream name or alpha, saying what is expected.
+    """
+    try:
+        streams = parse_stream_list(getattr(args, "streams", None) or IID)
+    except ValueError as err:
+        raise ValueError(f"--streams: {err}") from None
+    for alpha in getattr(args, "label_shift", None) or []:
+        try:
+            name = stream_name(alpha)
+        except ValueError as err:
+            raise ValueError(f"--label-shift: {err}") from None
+        if name not in streams:
+            streams.append(name)
+    return streams
+
+
 def bench_protocol(args) -> tuple[Protocol, dict | None]:
     """The protocol the flags describe, and the method-config file's content (or ``None``)."""
     from .tune import load_method_config
@@ -197,6 +236,7 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
         severities=parse_int_list(pick("severities", "1-5"), "--severities"),
         batch_sizes=parse_int_list(str(args.batch_size), "--batch-size"),
         seeds=parse_int_list(str(args.seeds), "--seeds"),
+        streams=bench_streams(args),
         all_seeds_at=None
         if args.all_seeds_at is None
         else parse_int_list(args.all_seeds_at, "--all-seeds-at"),

@@ -1,16 +1,18 @@
 """The benchmark protocol: one serialisable dataclass that fixes every cell of a run.
 
-A *cell* is one ``(method, corruption, severity, batch_size, seed)`` combination; its result is the
-top-1 error of ``method`` on the first ``n_test`` test images corrupted with ``corruption`` at
-``severity`` (generation seed ``gen_seed``), streamed in the order ``randperm(n_test)`` seeded with
-``seed``, ``batch_size`` images at a time. The clean cells (corruption ``"clean"``, severity 0)
-always run.
+A *cell* is one ``(method, corruption, severity, batch_size, seed, stream)`` combination; its result
+is the top-1 error of ``method`` on the first ``n_test`` test images corrupted with ``corruption`` at
+``severity`` (generation seed ``gen_seed``), ``batch_size`` images at a time, in the order that
+``stream`` gives with ``seed`` (:mod:`torch_dmc.bench.streams`): ``iid``, ``randperm(n_test)``
+seeded with ``seed``; ``label-shift-<alpha>``, the classes in a Dirichlet(alpha) mixture over
+time. The clean cells (corruption ``"clean"``, severity 0) always run.
 
 - Episodic (default): a fresh method (built from the model, i.e. reset) for every cell.
-- Continual: for every ``(method, severity, batch_size, seed)`` one stream runs through all
-  corruptions in the given order without reset; each corruption's images form their own batches
-  (no batch spans two corruptions) and each corruption's segment is recorded as one cell. The
-  method is fresh at the start of every such stream. Clean cells stay episodic.
+- Continual: for every ``(method, severity, batch_size, seed, stream)`` one stream runs through
+  all corruptions in the given order without reset; each corruption's images form their own
+  batches (no batch spans two corruptions), ordered by ``stream`` within the segment, and each
+  corruption's segment is recorded as one cell. The method is fresh at the start of every such
+  stream. Clean cells stay episodic.
 
 Example:
     >>> p = Protocol(methods=["source", "dmc"], corruptions=["fog"], severities=[5])
@@ -24,6 +26,8 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from .streams import IID, parse_stream_list
 
 __all__ = [
     "CLEAN",
@@ -61,6 +65,7 @@ class Cell:
     severity: int
     batch_size: int
     seed: int
+    stream: str = IID
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Unit:
     severity: int
     batch_size: int
     seed: int
+    stream: str = IID
 
     @property
     def corruption(self) -> str:
@@ -83,7 +89,10 @@ class Unit:
 
     def cells(self) -> list[Cell]:
         """The cells this unit produces, in stream order."""
-        return [Cell(self.method, c, self.severity, self.batch_size, self.seed) for c in self.corruptions]
+        return [
+            Cell(self.method, c, self.severity, self.batch_size, self.seed, self.stream)
+            for c in self.corruptions
+        ]
 
 
 def parse_int_list(text: str | int | Sequence[int], what: str) -> list[int]:
@@ -144,6 +153,10 @@ class Protocol:
             ``gen_seed``.
         all_seeds_at: severities (0 = clean) that get every seed; the others get ``seeds[0]`` only.
             ``None``: every severity gets every seed.
+        streams: test-stream orders (:mod:`torch_dmc.bench.streams`): ``iid`` and/or
+            ``label-shift-<alpha>``; each is a separate cell. Names are stored canonical
+            (``label-shift-0.10`` → ``label-shift-0.1``). A ``config.json`` from before streams
+            existed has none: it loads as ``["iid"]``, which is what it ran.
         n_test: use the first ``n_test`` test images (``None``: all).
         continual: one stream over all corruptions per severity, without reset (see module doc).
         gen_seed: the corruption generation seed.
@@ -163,6 +176,7 @@ class Protocol:
     batch_sizes: list[int] = field(default_factory=lambda: [200])
     seeds: list[int] = field(default_factory=lambda: [0])
     all_seeds_at: list[int] | None = None
+    streams: list[str] = field(default_factory=lambda: [IID])
     n_test: int | None = None
     continual: bool = False
     gen_seed: int = 0
@@ -175,6 +189,7 @@ class Protocol:
     quick: bool = False
 
     def __post_init__(self) -> None:
+        self.streams = parse_stream_list(self.streams)  # canonical names; ValueError on a bad one
         self.validate()
 
     def validate(self) -> None:
@@ -191,6 +206,9 @@ class Protocol:
             raise ValueError(f"batch sizes must be positive integers; found {self.batch_sizes}.")
         if not self.seeds or any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be non-negative integers; found {self.seeds}.")
+        if not self.streams or len(set(self.streams)) != len(self.streams):
+            raise ValueError(f"streams must be distinct names, at least one; found {self.streams}.")
+        parse_stream_list(self.streams)  # a bad name raises, saying what is expected
         if self.all_seeds_at is not None:
             bad = [s for s in self.all_seeds_at if not 0 <= s <= 5]
             if bad:
@@ -214,17 +232,18 @@ class Protocol:
     def units(self) -> list[Unit]:
         """The work of the run, in execution order: clean first, then by corruption and severity.
 
-        Episodic: one unit per cell. Continual: one unit per ``(method, severity, batch, seed)``.
-        Within a data set (corruption, severity) the order is seed, batch size, method, so every
-        corrupted set is loaded once.
+        Episodic: one unit per cell. Continual: one unit per ``(method, severity, batch, seed,
+        stream)``. Within a data set (corruption, severity) the order is stream, seed, batch size,
+        method, so every corrupted set is loaded once.
         """
         out: list[Unit] = []
 
         def add(corruptions: tuple[str, ...], severity: int) -> None:
-            for seed in self.seeds_for(severity):
-                for bs in self.batch_sizes:
-                    for m in self.methods:
-                        out.append(Unit(m, corruptions, severity, bs, seed))
+            for stream in self.streams:
+                for seed in self.seeds_for(severity):
+                    for bs in self.batch_sizes:
+                        for m in self.methods:
+                            out.append(Unit(m, corruptions, severity, bs, seed, stream))
 
         add((CLEAN,), 0)
         if self.continual:
@@ -247,7 +266,11 @@ class Protocol:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Protocol:
-        """Rebuild from :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        """Rebuild from :meth:`to_dict`; unknown keys raise ``ValueError``; missing ones take defaults.
+
+        A dict written before a field existed loads with that field's default (``streams``:
+        ``["iid"]``, the order those runs used).
+        """
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -257,7 +280,8 @@ class Protocol:
     def result_identity(self) -> dict[str, Any]:
         """The fields that change the value of a cell (not which cells run).
 
-        Two runs may share a results folder (``--resume``) only if these agree.
+        Two runs may share a results folder (``--resume``) only if these agree. ``streams`` is not
+        one: the stream is part of every cell's key, so adding one adds cells.
         """
         ident = {
             "model": self.model,
@@ -285,6 +309,8 @@ class Protocol:
             "--gen-seed", str(self.gen_seed),
             "--fit-levels", str(self.fit_levels),
         ]  # fmt: skip
+        if self.streams != [IID]:
+            args += ["--streams", ",".join(self.streams)]
         if self.all_seeds_at is not None:
             args += ["--all-seeds-at", ",".join(map(str, self.all_seeds_at))]
         if self.n_test is not None:

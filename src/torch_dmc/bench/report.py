@@ -6,9 +6,13 @@ Tables (all errors are top-1 in %, seeds averaged first; the lowest value of a r
    difference and ratio to ``source``;
 2. per corruption at the top severity, methods as columns;
 3. mean over corruptions per severity;
-4. mean over all corrupted cells per batch size (when several were run).
+4. mean over all corrupted cells per batch size (when several were run);
+5. iid vs label-shifted streams: per batch size and method, the mean over corrupted cells (clean
+   error when no corruption ran) in ``iid`` and in every ``label-shift-<alpha>`` stream, and the
+   difference (when ``iid`` and at least one label-shifted stream ran).
 
-Tables 1–3 use the first batch size of the protocol (the "primary" one).
+Tables 1–3 use the first batch size of the protocol (the "primary" one); tables 1–4 use the first
+stream of the protocol (the primary one, ``iid`` by default). Means never mix streams.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .metrics import Summary, read_results
+from .streams import IID
 
 __all__ = ["render_report", "write_report", "finish"]
 
@@ -41,6 +46,43 @@ def _table(header: Sequence[str], rows: list[str]) -> list[str]:
     ]
 
 
+def _stream_section(summary: Summary) -> list[str]:
+    """Table 5: iid vs every label-shifted stream, per batch size and method (empty if not both)."""
+    shifted = [st for st in summary.streams if st != IID]
+    if IID not in summary.streams or not shifted:
+        return []
+    corrupted = bool(summary.severities and summary.corruptions)
+
+    def value(m: str, b: int, st: str) -> float | None:
+        return summary.overall_mean(m, b, st) if corrupted else summary.clean(m, b, st)
+
+    header = ["batch size", "method", IID]
+    for st in shifted:
+        header += [st, f"Δ {st} (pp)"]
+    body = []
+    for b in summary.batch_sizes:
+        if not any(value(m, b, IID) is not None for m in summary.methods):
+            continue
+        for m in summary.methods:
+            base = value(m, b, IID)
+            cells = [_fmt(base)]
+            for st in shifted:
+                v = value(m, b, st)
+                cells += [_fmt(v), _fmt(None if v is None or base is None else v - base)]
+            body.append("| " + " | ".join([str(b), m, *cells]) + " |")
+    if not body:
+        return []
+    what = "mean over all corrupted cells" if corrupted else "clean error"
+    return [
+        f"## iid vs label-shifted streams ({what}, top-1 error %)",
+        "",
+        "The same images in another order: Δ is the label-shifted error minus the iid error (pp).",
+        "",
+        *_table(header, body),
+        "",
+    ]
+
+
 def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> str:
     """The Markdown text of ``report.md``.
 
@@ -50,7 +92,7 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
         plots: PNG file names to link at the end.
     """
     protocol = config.get("protocol", {})
-    summary = Summary(rows, protocol.get("methods"), protocol.get("corruptions"))
+    summary = Summary(rows, protocol.get("methods"), protocol.get("corruptions"), protocol.get("streams"))
     methods = summary.methods
     bs_list = protocol.get("batch_sizes") or summary.batch_sizes
     bs = next((b for b in bs_list if b in summary.batch_sizes), bs_list[0] if bs_list else None)
@@ -82,7 +124,8 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
         f"- Protocol: {regime}; {data.get('n_test', '?')} test images; corruptions "
         f"{', '.join(summary.corruptions) or '–'}; severities "
         f"{', '.join(map(str, summary.severities)) or '–'} (clean = 0); batch sizes "
-        f"{', '.join(map(str, summary.batch_sizes))}; {n_seeds} stream seed(s) "
+        f"{', '.join(map(str, summary.batch_sizes))}; stream(s) "
+        f"{', '.join(summary.streams or protocol.get('streams') or [IID])}; {n_seeds} stream seed(s) "
         f"{protocol.get('seeds')}"
         + (
             ""
@@ -118,6 +161,10 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
         lines += ["No results yet.", ""]
         return "\n".join(lines)
 
+    # the primary stream's name in headings, when it is not the only, iid, one
+    tag = "" if summary.streams in ([], [IID]) else f", stream {summary.stream}"
+    paren = f" (stream {summary.stream})" if tag else ""
+
     # 1. summary
     ref = "source" if "source" in methods else None
     header = [
@@ -143,14 +190,14 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
                 _fmt(summary.relative(m, bs, ref), 1),
             ]
         body.append("| " + " | ".join([m, *cells]) + " |")
-    lines += [f"## Summary (batch size {bs}, top-1 error %)", "", *_table(header, body), ""]
+    lines += [f"## Summary (batch size {bs}{tag}, top-1 error %)", "", *_table(header, body), ""]
 
     # 2. per corruption at the top severity
     if top is not None:
         body = [_row(c, [summary.error(m, c, top, bs) for m in methods]) for c in summary.corruptions]
         body.append(_row("**mean**", [summary.severity_mean(m, top, bs) for m in methods]))
         lines += [
-            f"## Severity {top}, per corruption (batch size {bs}, mean over seeds)",
+            f"## Severity {top}, per corruption (batch size {bs}{tag}, mean over seeds)",
             "",
             *_table(["corruption", *methods], body),
             "",
@@ -166,7 +213,7 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
         )
     )
     lines += [
-        f"## Mean over corruptions per severity (batch size {bs})",
+        f"## Mean over corruptions per severity (batch size {bs}{tag})",
         "",
         *_table(["severity", *methods], body),
         "",
@@ -176,13 +223,21 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
     if len(summary.batch_sizes) > 1:
         body = [_row(str(b), [summary.overall_mean(m, b) for m in methods]) for b in summary.batch_sizes]
         lines += [
-            "## Mean over all corrupted cells per batch size",
+            f"## Mean over all corrupted cells per batch size{paren}",
             "",
             *_table(["batch size", *methods], body),
             "",
         ]
         body = [_row(str(b), [summary.clean(m, b) for m in methods]) for b in summary.batch_sizes]
-        lines += ["## Clean error per batch size", "", *_table(["batch size", *methods], body), ""]
+        lines += [
+            f"## Clean error per batch size{paren}",
+            "",
+            *_table(["batch size", *methods], body),
+            "",
+        ]
+
+    # 5. iid vs label-shifted
+    lines += _stream_section(summary)
 
     # methods
     lines += ["## Methods", ""]

@@ -41,6 +41,7 @@ from ..data import arrays, corruptions
 from . import provenance
 from .metrics import COLUMNS, TIMING_COLUMNS, ResultsWriter, done_cells, error_percent, read_results
 from .protocol import CLEAN, Protocol, Unit, pending
+from .streams import IID, stream_order
 
 __all__ = [
     "PROTOCOL_NOTES",
@@ -59,13 +60,20 @@ PROTOCOL_NOTES: dict[str, str] = {
     "error": "top-1 error in % of the cell's n images (argmax of the logits vs the label)",
     "images": "the first n_test test images; a corrupted image is a pure function of "
     "(gen_seed, corruption, severity, index), so every method and seed sees the same images",
-    "stream": "a seed permutes the order of the images (torch.randperm with a torch.Generator "
-    "seeded with the seed); batches are consecutive slices of that order, the last one smaller",
+    "stream": "the order of the images; batches are consecutive slices of it, the last one "
+    "smaller. 'iid': a seed permutes the images (torch.randperm with a torch.Generator seeded with "
+    "the seed). 'label-shift-<alpha>': the same images with the classes in a Dirichlet(alpha) "
+    "mixture over time (NOTE, RoTTA): with numpy.random.default_rng(seed), every class's shuffled "
+    "images are split over as many time slots as classes by proportions drawn from "
+    "Dirichlet(alpha * 1), and the slots follow each other in time, the class pieces of a slot in "
+    "a random order, each piece contiguous (torch_dmc.bench.streams.label_shift_order); small "
+    "alpha: long runs of one class. The stream is part of every cell's key; means never mix streams",
     "episodic": "a fresh method (the model reset) for every (method, corruption, severity, "
-    "batch_size, seed) cell",
-    "continual": "for every (method, severity, batch_size, seed): one stream through all "
-    "corruptions in the listed order without reset; a corruption's images form their own batches "
-    "and its segment of the stream is one cell; clean cells stay episodic",
+    "batch_size, seed, stream) cell",
+    "continual": "for every (method, severity, batch_size, seed, stream): one stream through all "
+    "corruptions in the listed order without reset; a corruption's images form their own batches, "
+    "ordered by the stream within the segment, and its segment of the stream is one cell; clean "
+    "cells stay episodic",
     "clean": "corruption 'clean', severity 0: the test images unchanged; always run",
     "means": "seeds averaged first per cell, then corruptions, then severities (all unweighted)",
     "fit": "DMC reference statistics fitted with torch_dmc.fit(sites='norm') on fit_images "
@@ -226,6 +234,7 @@ def stream_errors(
     batch_size: int,
     seed: int,
     *,
+    stream: str = IID,
     channels_last: bool = False,
 ) -> list[tuple[int, int, float]]:
     """Run ``method`` over consecutive segments of one stream, without reset.
@@ -234,7 +243,10 @@ def stream_errors(
         method: a built method (``forward`` adapts and predicts).
         segments: ``(x, y)`` per segment: ``x`` float ``N×C×H×W``, ``y`` int64 ``N``.
         batch_size: images per batch; batches never span two segments.
-        seed: the stream order's seed (each segment is permuted with it).
+        seed: the stream order's seed (each segment is ordered with it).
+        stream: ``iid`` (each segment permuted by ``torch.randperm`` seeded with ``seed``) or
+            ``label-shift-<alpha>`` (each segment ordered by
+            :func:`~torch_dmc.bench.streams.label_shift_order` of its labels).
         channels_last: pass the batches in channels-last memory layout (for a model converted
             with ``.to(memory_format=torch.channels_last)``; same values, faster CPU convolutions).
 
@@ -249,7 +261,7 @@ def stream_errors(
         wrong = torch.zeros((), dtype=torch.int64, device=device)
         ctx = contextlib.nullcontext() if needs_grad else torch.inference_mode()
         with ctx:
-            for xb, yb in arrays.batches(x, y, batch_size, shuffle=True, seed=seed):
+            for xb, yb in _stream_batches(x, y, batch_size, seed, stream):
                 xb, yb = xb.to(device), yb.to(device)
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
@@ -257,6 +269,14 @@ def stream_errors(
                 wrong += (logits.detach().argmax(1) != yb).sum()
         out.append((len(y), int(wrong), time.perf_counter() - t0))
     return out
+
+
+def _stream_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, stream: str):
+    """``(x, y)`` batches of one segment in the order of ``stream``."""
+    if stream == IID:  # exactly the order of every result before streams existed
+        return arrays.batches(x, y, batch_size, shuffle=True, seed=seed)
+    order = stream_order(stream, y, seed)
+    return ((x[b], y[b]) for b in order.split(batch_size))
 
 
 class _Images:
@@ -555,7 +575,8 @@ def run_benchmark(
 
 def _show(bar, unit: Unit) -> None:
     bar.set_postfix_str(
-        f"{unit.method} {unit.corruption}-{unit.severity} b{unit.batch_size} s{unit.seed}",
+        f"{unit.method} {unit.corruption}-{unit.severity} b{unit.batch_size} s{unit.seed}"
+        + ("" if unit.stream == IID else f" {unit.stream}"),
         refresh=False,
     )
 
@@ -567,7 +588,9 @@ def _evaluate_unit(
     segments = images.segments(unit.corruptions, unit.severity)
     torch.manual_seed(0)
     method = methods_mod.build(unit.method, net, stats=stats, **protocol.method_options.get(unit.method, {}))
-    return stream_errors(method, segments, unit.batch_size, unit.seed, channels_last=channels_last)
+    return stream_errors(
+        method, segments, unit.batch_size, unit.seed, stream=unit.stream, channels_last=channels_last
+    )
 
 
 def _write_unit(
