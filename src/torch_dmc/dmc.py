@@ -33,7 +33,10 @@ from .stats_io import ReferenceStats
 from .transport import (
     apply_lut,
     empirical_quantiles,
+    histogram_levels,
+    histogram_quantiles,
     interp_quantiles,
+    lut_from_quantiles,
     lut_from_sample,
     lut_grid,
     transport_exact,
@@ -54,6 +57,9 @@ each sample's own, per channel over its positions (``per-sample``)."""
 DEFAULT_MODE = "grid"
 DEFAULT_KNOTS = 4096
 DEFAULT_GRID_SAMPLE = 4096
+BLEND_LEVELS = 257
+"""Levels of the quantile functions that grid mode blends for ``prior`` and ``ema`` (exact mode
+uses the stats' ``K``): enough for the batch estimates, and 4× fewer searches than ``K = 1024``."""
 
 
 def _batch_input(batch) -> Tensor:
@@ -290,7 +296,7 @@ class DMC(nn.Module):
               positions per sample (or without a per-sample reference) uses ``"prior"`` instead;
               `fallbacks` and `shift_report` say so.
 
-            The blends use the stats' ``K`` levels.
+            The blends use the stats' ``K`` levels (grid mode: `BLEND_LEVELS`).
         prior: ``N0 >= 0`` of the ``prior`` estimate (``math.inf`` allowed).
         momentum: ``m`` in ``(0, 1]`` of the ``ema`` estimate.
         min_positions: fewest positions per sample for the ``per-sample`` estimate.
@@ -345,7 +351,7 @@ class DMC(nn.Module):
                         "stats have none: fit them with torch_dmc.fit(..., per_sample=True)")
                 self.fallbacks[name] = "prior: fewer than 2 positions per sample at fit time"
         self._ema: dict[str, Tensor] = {}  # running quantile tables of the ema estimate
-        self._tables: dict[tuple[str, torch.device], Tensor] = {}
+        self._tables: dict[tuple, Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
         self._grids: dict[tuple, Tensor] = {}  # grid mode's sampling buffers, one per shape
         active = [n for n in names if self.strengths[n] > 0]
@@ -362,6 +368,16 @@ class DMC(nn.Module):
         if key not in self._tables:
             source = self.stats.per_sample if per_sample else self.stats.quantiles
             self._tables[key] = source[name].to(device=device, dtype=torch.float32)
+        return self._tables[key]
+
+    def _coarse_table(self, name: str, device: torch.device) -> Tensor:
+        """The reference at grid mode's `BLEND_LEVELS` (or fewer) levels, for prior/ema blends."""
+        key = (name, device, "coarse")
+        if key not in self._tables:
+            q = self._table(name, device)
+            levels = min(BLEND_LEVELS, q.shape[1])
+            t = torch.linspace(0, 1, levels, device=device).expand(q.shape[0], -1)
+            self._tables[key] = interp_quantiles(q, t)
         return self._tables[key]
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -423,8 +439,7 @@ class DMC(nn.Module):
         if self.mode == "exact":
             y = transport_exact(rows, q)
         else:
-            knots = min(self.knots, max(32, rows.shape[1] // 4))
-            y = apply_lut(rows, lut_from_sample(rows, q, knots), channel_axis=0)
+            y = apply_lut(rows, lut_from_sample(rows, q, self._knots(rows)), channel_axis=0)
         moved = output.movedim(axis, 1)
         return y.view(moved.shape).movedim(1, axis)
 
@@ -440,7 +455,13 @@ class DMC(nn.Module):
         """``prior`` and ``ema``: match to the reference through an estimated quantile function."""
         q_ref = self._table(name, output.device)
         values = self._batch_values(output, axis)
-        q_batch = empirical_quantiles(values, q_ref.shape[1])
+        if self.mode == "exact":
+            q_batch = empirical_quantiles(values, q_ref.shape[1])
+        else:  # from a histogram, no sort; blended at fewer levels
+            q_ref = self._coarse_table(name, output.device)
+            knots = self._knots(values)
+            lo, step, level = histogram_levels(values, knots)
+            q_batch = histogram_quantiles(lo, step, level, q_ref.shape[1])
         if estimate == "prior":
             n = output.shape[0]
             q_test = torch.lerp(q_batch, q_ref, self.prior / (self.prior + n))
@@ -452,12 +473,7 @@ class DMC(nn.Module):
             moved = output.movedim(axis, 0)
             y = transport_quantiles(moved.reshape(moved.shape[0], -1), q_test, q_ref)
             return y.reshape(moved.shape).movedim(0, axis).contiguous()
-        # grid: an equal-mass sample of the estimated distribution stands for the batch's values
-        knots = min(self.knots, max(32, values.shape[1] // 4))
-        m = 4 * knots
-        mid = ((torch.arange(m, device=output.device, dtype=torch.float32) + 0.5) / m)
-        pseudo = interp_quantiles(q_test, mid.expand(q_test.shape[0], -1))
-        lut = lut_from_sample(pseudo, q_ref, knots)
+        lut = lut_from_quantiles(q_test, q_ref, lo, step, knots)
         if _is_channels_last(output, axis):
             view = output.permute(0, 2, 3, 1)
             return apply_lut(view, lut, 3, self._grid(view, 3)).permute(0, 3, 1, 2)
@@ -467,17 +483,14 @@ class DMC(nn.Module):
         """Grid mode on one site's output, in the output's own memory layout."""
         if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
             return self._correct_grid(name, output.permute(0, 2, 3, 1), 3, q).permute(0, 3, 1, 2)
-        c = output.shape[axis]
-        n = output.numel() // c
-        if self.grid_sample is not None and self.grid_sample < n:
-            values = sample_channel_values(output, axis, self.grid_sample,
-                                           self._generator(output.device))
-        else:
-            values = output.movedim(axis, 0).reshape(c, n)
-        # no finer cells than about 4 values each: finer ones add cost, not accuracy
-        knots = min(self.knots, max(32, values.shape[1] // 4))
-        lut = lut_from_sample(values, q, knots)
-        return apply_lut(output, lut, axis, self._grid(output, axis))
+        values = self._batch_values(output, axis)
+        knots = self._knots(values)
+        return apply_lut(output, lut_from_sample(values, q, knots), axis, self._grid(output, axis))
+
+    def _knots(self, values: Tensor) -> int:
+        """Grid mode's table nodes for ``C×M`` values: no finer cells than about 4 values each
+        (finer ones add cost, not accuracy)."""
+        return min(self.knots, max(32, values.shape[1] // 4))
 
     def forward(self, *args, **kwargs):
         """Run the wrapped model with corrected sites."""

@@ -34,7 +34,10 @@ __all__ = [
     "quantile_cdf",
     "transport_quantiles",
     "Lut",
+    "histogram_levels",
+    "histogram_quantiles",
     "lut_from_sample",
+    "lut_from_quantiles",
     "lut_grid",
     "apply_lut",
 ]
@@ -275,26 +278,20 @@ class Lut(NamedTuple):
 
 
 @torch.no_grad()
-def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
-    """Grid transport ``x ↦ Q_ref(F̂(x))`` tabulated on ``size`` uniform nodes per channel.
+def histogram_levels(values: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The average-rank level of each of ``size`` uniform nodes over the values' range: no sort.
 
-    The nodes ``lo + j·step`` span the values' range ``[lo, hi]``. Every value belongs to its
+    The nodes ``lo + j·step`` span each row's range ``[lo, hi]``. Every value belongs to its
     nearest node's cell; with ``b_j`` of the ``M`` values in cells below node ``j`` and ``n_j`` in
-    its own, the node's level is the cell's average-rank level ``(b_j + n_j / 2) / M`` — exactly
-    `transport_exact`'s level for a cell that holds one value or one atom (equal values). No sort:
-    one histogram. A value's level thus differs from its exact one by at most half its cell's
-    share of the values; `apply_lut` looks values up at their nearest node, so equal inputs give
-    equal outputs and the map is monotone.
+    its own, the node's level is ``(b_j + n_j / 2) / M``: exactly `transport_exact`'s level for a
+    cell that holds one value or one atom (equal values). One histogram per row.
 
     Args:
-        values: ``C×M`` values of the test batch per channel: all of them, or a random subsample
-            (see `torch_dmc.sketch.sample_channel_values`; ``M`` sampled values add a rank error
-            of order ``1/sqrt(M)``).
-        q_ref: ``C×K`` reference quantile table.
+        values: ``C×M`` values per channel (all of a batch's, or a random subsample).
         size: nodes ``B >= 2`` per channel.
 
     Returns:
-        The `Lut` (``C×B`` table).
+        ``(lo, step, level)``: ``C``, ``C`` and ``C×B`` float32; an all-equal row gets step 1.
     """
     _check_matrix(values, "values")
     if size < 2:
@@ -310,7 +307,73 @@ def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
     counts = torch.bincount((cell.long() + offsets).flatten(), minlength=c * size)
     counts = counts.view(c, size).to(torch.float32)
     level = (counts.cumsum(dim=1) - counts / 2) / m  # (b_j + n_j / 2) / M
+    return lo, step, level
+
+
+def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
+    """Grid transport ``x ↦ Q_ref(F̂(x))`` tabulated on ``size`` uniform nodes per channel.
+
+    ``F̂`` is the histogram CDF of `histogram_levels` (average-rank levels, no sort). A value's
+    level thus differs from its exact one by at most half its cell's share of the values;
+    `apply_lut` looks values up at their nearest node, so equal inputs give equal outputs and the
+    map is monotone.
+
+    Args:
+        values: ``C×M`` values of the test batch per channel: all of them, or a random subsample
+            (see `torch_dmc.sketch.sample_channel_values`; ``M`` sampled values add a rank error
+            of order ``1/sqrt(M)``). Per-sample use: ``B·C`` rows ordered (sample, channel).
+        q_ref: ``C×K`` reference quantile table.
+        size: nodes ``B >= 2`` per channel.
+
+    Returns:
+        The `Lut` (``C×B`` table, or ``B·C`` rows).
+    """
+    lo, step, level = histogram_levels(values, size)
     return Lut(interp_quantiles(q_ref, level), lo, step)
+
+
+def histogram_quantiles(lo: Tensor, step: Tensor, level: Tensor, levels: int) -> Tensor:
+    """Quantile table of the piecewise-linear CDF through the nodes ``(lo + j·step, level_j)``.
+
+    The inverse of `histogram_levels`' CDF, for blending with other quantile functions without a
+    sort; levels below the first node's map to ``lo`` and above the last node's to the maximum.
+
+    Args:
+        lo, step: ``C`` node origins and spacings.
+        level: ``C×B`` non-decreasing node levels.
+        levels: ``K >= 2`` evenly spaced output levels, endpoints included.
+
+    Returns:
+        ``C×K`` float32 table, non-decreasing along each row.
+    """
+    c, b = level.shape
+    t = torch.linspace(0, 1, levels, device=level.device).expand(c, -1).contiguous()
+    hi = torch.searchsorted(level.contiguous(), t).clamp_(1, b - 1)
+    lo_idx = hi - 1
+    l0, l1 = level.gather(1, lo_idx), level.gather(1, hi)
+    frac = ((t - l0) / (l1 - l0).clamp_min(1e-12)).clamp_(0, 1)
+    return lo.unsqueeze(1) + (lo_idx + frac) * step.unsqueeze(1)
+
+
+def lut_from_quantiles(q_test: Tensor, q_ref: Tensor, lo: Tensor, step: Tensor, size: int) -> Lut:
+    """Grid transport ``x ↦ Q_ref(F_test(x))`` for an estimated test quantile table, tabulated.
+
+    The fast path of the ``prior`` and ``ema`` estimates: the map of `transport_quantiles`
+    evaluated at ``size`` uniform nodes ``lo + j·step`` (usually the batch's range), for
+    `apply_lut`.
+
+    Args:
+        q_test: ``C×K'`` estimated test quantile table.
+        q_ref: ``C×K`` reference quantile table.
+        lo, step: ``C`` node origins and spacings.
+        size: nodes ``B >= 2`` per channel.
+
+    Returns:
+        The `Lut` (``C×B`` table).
+    """
+    j = torch.arange(size, device=lo.device, dtype=torch.float32)
+    nodes = lo.unsqueeze(1) + j * step.unsqueeze(1)
+    return Lut(transport_quantiles(nodes, q_test, q_ref).float(), lo, step)
 
 
 def _table_rows(channels: int) -> int:
