@@ -607,6 +607,37 @@ def test_site_sets():
     assert len(candidates(grid, sites)) == 1  # first:3 selects all sites: a duplicate
 
 
+def test_tune_grid_for_the_estimate_methods():
+    sites = ["a", "b"]
+    prior = TuneGrid(site_sets=["all"], strengths=[1.0], modes=["grid"], adapt_bn=[False],
+                     method="dmc-prior", priors=[4, 16], momenta=[0.5])  # fmt: skip
+    assert [c["options"]["prior"] for c in candidates(prior, sites)] == [4.0, 16.0]
+    assert all("momentum" not in c["options"] for c in candidates(prior, sites)) and prior.size() == 2
+    ema = TuneGrid(site_sets=["all", "first:1"], strengths=[1.0], modes=["grid"], adapt_bn=[False],
+                   method="dmc-ema", momenta=[0.1, 0.5])  # fmt: skip
+    assert len(candidates(ema, sites)) == 4 == ema.size()
+    assert candidates(ema, sites)[1]["options"] == {
+        "mode": "grid", "strength": 1.0, "adapt_bn": False, "momentum": 0.5
+    }
+    with pytest.raises(ValueError, match="method must be one of"):
+        TuneGrid(method="tent")
+    with pytest.raises(ValueError, match="momenta"):
+        TuneGrid(method="dmc-ema", momenta=[0.0])
+
+
+def test_method_configs_from_several_files_are_merged(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"methods": {"dmc": {"strength": 0.5}}}))
+    b.write_text(json.dumps({"methods": {"dmc-prior": {"prior": 8}}}))
+    p, config = cli.bench_protocol(bench_args("--method-config", f"{a},{b}"))
+    assert p.method_options == {"dmc": {"strength": 0.5}, "dmc-prior": {"prior": 8}}
+    assert len(config["files"]) == 2
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps({"methods": {"dmc": {"strength": 1.0}}}))
+    with pytest.raises(ValueError, match="in one file only"):
+        cli.bench_protocol(bench_args("--method-config", f"{a},{c}"))
+
+
 def test_tune_writes_config_that_bench_reads(tmp_path, fake_models, data, monkeypatch):
     npz = tmp_path / "tiny.npz"
     np.savez(npz, **tiny_arrays())

@@ -151,7 +151,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--method-config",
         metavar="FILE.json",
         default=None,
-        help='method options, {"methods": {name: {...}}}, e.g. written by `dmc tune`',
+        help='method options, {"methods": {name: {...}}}, e.g. written by `dmc tune`; a comma '
+        "list of such files is merged (each method in one file only)",
     )
     parser.add_argument(
         "--fit-images",
@@ -228,8 +229,17 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
     method_config = None
     options: dict = {}
     if getattr(args, "method_config", None):
-        method_config = load_method_config(args.method_config)
-        options = method_config["methods"]
+        files = parse_name_list(args.method_config)
+        configs = [load_method_config(f) for f in files]
+        for path, cfg in zip(files, configs, strict=True):
+            twice = sorted(set(options) & set(cfg["methods"]))
+            if twice:
+                raise ValueError(
+                    f"--method-config: {path} sets options of {twice} again; give each method's "
+                    "options in one file only."
+                )
+            options.update(cfg["methods"])
+        method_config = configs[0] if len(configs) == 1 else {"methods": options, "files": configs}
     protocol = Protocol(
         methods=parse_name_list(args.methods),
         corruptions=corruptions.resolve_corruptions(pick("corruptions", "common")),
@@ -267,23 +277,29 @@ def run_bench(args) -> int:
     out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("bench-%Y%m%d-%H%M%S")
     extra = None
     if method_config is not None:
-        extra = {
-            "method_config": {
-                "path": str(args.method_config),
-                "sha256": provenance.sha256_file(args.method_config),
-                "tool": method_config.get("tool"),
-                "selection": method_config.get("selection"),
-                "stats_checksum": (method_config.get("stats") or {}).get("checksum"),
-            }
-        }
-        tuned = method_config.get("protocol") or {}
-        for key in ("model", "data"):
-            if key in tuned and tuned[key] != getattr(protocol, key):
-                print(
-                    f"warning: {args.method_config} was tuned with {key}={tuned[key]!r}, this "
-                    f"run uses {getattr(protocol, key)!r}",
-                    file=sys.stderr,
-                )
+        files = parse_name_list(args.method_config)
+        configs = method_config.get("files", [method_config])
+        described = []
+        for path, cfg in zip(files, configs, strict=True):
+            described.append(
+                {
+                    "path": str(path),
+                    "sha256": provenance.sha256_file(path),
+                    "tool": cfg.get("tool"),
+                    "methods": sorted(cfg["methods"]),
+                    "selection": cfg.get("selection"),
+                    "stats_checksum": (cfg.get("stats") or {}).get("checksum"),
+                }
+            )
+            tuned = cfg.get("protocol") or {}
+            for key in ("model", "data"):
+                if key in tuned and tuned[key] != getattr(protocol, key):
+                    print(
+                        f"warning: {path} was tuned with {key}={tuned[key]!r}, this "
+                        f"run uses {getattr(protocol, key)!r}",
+                        file=sys.stderr,
+                    )
+        extra = {"method_config": described[0] if len(described) == 1 else described}
     try:
         data = resolve_data(protocol.data)
         model = resolve_model(protocol.model)
@@ -304,8 +320,11 @@ def run_bench(args) -> int:
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
         return _fail(str(err).strip("'\""))
-    tuned_sum = (config.get("method_config") or {}).get("stats_checksum")
-    if tuned_sum and config.get("stats") and tuned_sum != config["stats"]["checksum"]:
+    described = config.get("method_config") or []
+    for entry in described if isinstance(described, list) else [described]:
+        tuned_sum = entry.get("stats_checksum")
+        if not (tuned_sum and config.get("stats") and tuned_sum != config["stats"]["checksum"]):
+            continue
         print(
             f"warning: the DMC options were tuned with other stats (checksum {tuned_sum[:12]}…) "
             f"than this run's ({config['stats']['checksum'][:12]}…); pass --stats with the tune's "
@@ -357,11 +376,28 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
         help="false and/or true (default false,true)",
     )
     parser.add_argument(
+        "--method",
+        default=g.method,
+        help="the DMC method to tune: dmc, dmc-prior, dmc-ema or dmc-per-sample; the choice is "
+        "written under this name (default dmc)",
+    )
+    parser.add_argument(
+        "--priors",
+        default=",".join(map(str, g.priors)),
+        help="N0 values, for --method dmc-prior (default 16)",
+    )
+    parser.add_argument(
+        "--momenta",
+        default=",".join(map(str, g.momenta)),
+        help="m values, for --method dmc-ema (default 0.1)",
+    )
+    parser.add_argument(
         "--grid",
         metavar="FILE.json",
         default=None,
-        help='the grid as JSON {"site_sets": [...], "strengths": [...], '
-        '"modes": [...], "adapt_bn": [...]}; replaces the four flags above',
+        help='the grid as JSON {"site_sets": [...], "strengths": [...], "modes": [...], '
+        '"adapt_bn": [...], "method": ..., "priors": [...], "momenta": [...]}; replaces the flags '
+        "above",
     )
     parser.add_argument(
         "--fit-images",
@@ -427,6 +463,9 @@ def tune_setup(args):
             strengths=[float(v) for v in parse_name_list(args.strengths)],
             modes=parse_name_list(args.modes),
             adapt_bn=_bools(args.adapt_bn),
+            method=args.method,
+            priors=[float(v) for v in parse_name_list(args.priors)],
+            momenta=[float(v) for v in parse_name_list(args.momenta)],
         )
     return protocol, grid
 

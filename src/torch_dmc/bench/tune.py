@@ -41,6 +41,9 @@ __all__ = [
     "load_method_config",
 ]
 
+#: The methods ``dmc tune`` can tune.
+TUNABLE: tuple[str, ...] = ("dmc", "dmc-prior", "dmc-ema", "dmc-per-sample")
+
 #: Site-set tokens: ``all``, ``all-but-last``, ``first-half``, ``first:K``, ``last:K``,
 #: ``pattern:<fnmatch>``.
 SITE_SET_HELP = (
@@ -63,17 +66,31 @@ class TuneGrid:
         strengths: λ values in [0, 1].
         modes: ``"grid"`` and/or ``"exact"``.
         adapt_bn: whether BatchNorm layers first use batch statistics (``bn``), then DMC.
+        method: the DMC method tuned (:data:`TUNABLE`); its options go under this name.
+        priors: N0 values of ``dmc-prior`` (ignored by the other methods).
+        momenta: m values of ``dmc-ema`` (ignored by the other methods).
     """
 
     site_sets: list[str] = field(default_factory=lambda: ["all", "all-but-last"])
     strengths: list[float] = field(default_factory=lambda: [0.5, 1.0])
     modes: list[str] = field(default_factory=lambda: ["grid"])
     adapt_bn: list[bool] = field(default_factory=lambda: [False, True])
+    method: str = "dmc"
+    priors: list[float] = field(default_factory=lambda: [16.0])
+    momenta: list[float] = field(default_factory=lambda: [0.1])
 
     def __post_init__(self) -> None:
-        for name in ("site_sets", "strengths", "modes", "adapt_bn"):
+        if self.method not in TUNABLE:
+            raise ValueError(f"tune grid: method must be one of {', '.join(TUNABLE)}; found {self.method!r}.")
+        for name in ("site_sets", "strengths", "modes", "adapt_bn", "priors", "momenta"):
             if not getattr(self, name):
                 raise ValueError(f"tune grid: '{name}' is empty; give at least one value.")
+        bad = [v for v in self.priors if not float(v) >= 0]
+        if bad:
+            raise ValueError(f"tune grid: priors (N0) must be >= 0; found {bad}.")
+        bad = [v for v in self.momenta if not 0 < float(v) <= 1]
+        if bad:
+            raise ValueError(f"tune grid: momenta must lie in (0, 1]; found {bad}.")
         bad = [s for s in self.strengths if not 0.0 <= float(s) <= 1.0]
         if bad:
             raise ValueError(f"tune grid: strengths must lie in [0, 1]; found {bad}.")
@@ -86,14 +103,24 @@ class TuneGrid:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuneGrid:
-        names = {"site_sets", "strengths", "modes", "adapt_bn"}
+        names = {"site_sets", "strengths", "modes", "adapt_bn", "method", "priors", "momenta"}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"tune grid: unknown key(s) {unknown}; expected {sorted(names)}.")
         return cls(**data)
 
     def size(self) -> int:
-        return len(self.site_sets) * len(self.strengths) * len(self.modes) * len(self.adapt_bn)
+        return len(self.site_sets) * len(self.strengths) * len(self.modes) * len(self.adapt_bn) * len(
+            self._extra()
+        )
+
+    def _extra(self) -> list[dict[str, float]]:
+        """The method-specific options to cross with the others."""
+        if self.method == "dmc-prior":
+            return [{"prior": float(v)} for v in self.priors]
+        if self.method == "dmc-ema":
+            return [{"momentum": float(v)} for v in self.momenta]
+        return [{}]
 
 
 @dataclass
@@ -202,16 +229,17 @@ def candidates(grid: TuneGrid, sites: Sequence[str]) -> list[dict[str, Any]]:
     Site sets that select the same sites are evaluated once (the first token is kept).
     """
     out, seen = [], set()
-    for token, lam, mode, adapt in itertools.product(
-        grid.site_sets, grid.strengths, grid.modes, grid.adapt_bn
+    for token, lam, mode, adapt, extra in itertools.product(
+        grid.site_sets, grid.strengths, grid.modes, grid.adapt_bn, grid._extra()
     ):
         chosen = resolve_site_set(token, sites)
         if chosen is not None and list(chosen) == list(sites):
             chosen = None
-        options: dict[str, Any] = {"mode": mode, "strength": float(lam), "adapt_bn": bool(adapt)}
+        options: dict[str, Any] = {"mode": mode, "strength": float(lam), "adapt_bn": bool(adapt), **extra}
         if chosen is not None:
             options["sites"] = chosen
-        key = (tuple(chosen) if chosen is not None else None, float(lam), mode, bool(adapt))
+        key = (tuple(chosen) if chosen is not None else None, float(lam), mode, bool(adapt),
+               tuple(extra.items()))
         if key in seen:
             continue
         seen.add(key)
@@ -279,9 +307,9 @@ def tune(
         progress,
     )
     cells = [(c, s) for c in protocol.corruptions for s in protocol.severities]
-    log(f"tuning DMC: {len(cands)} candidates × {len(cells)} validation cells × {n_test} images")
+    log(f"tuning {grid.method}: {len(cands)} candidates × {len(cells)} validation cells × {n_test} images")
     runs = [("baseline", name, {}) for name in baselines] + [
-        ("candidate", "dmc", cand["options"]) for cand in cands
+        ("candidate", grid.method, cand["options"]) for cand in cands
     ]
     errors: list[dict[str, float]] = [{} for _ in runs]
     seconds = [0.0 for _ in runs]
@@ -320,7 +348,7 @@ def tune(
     best = cand_rows[best_k]
     result = {
         "tool": "dmc tune",
-        "methods": {"dmc": best["options"]},
+        "methods": {grid.method: best["options"]},
         "selection": {
             "criterion": "lowest mean top-1 error (%) over the validation cells; ties: earlier "
             "candidate in grid order",
