@@ -237,6 +237,13 @@ def _per_site(names: list[str], value, default):
     return dict.fromkeys(names, value)
 
 
+def _per_channel(output: Tensor, axis: int, transport) -> Tensor:
+    """Apply a ``C×N → C×N`` map to an output's channel-major view; same shape back."""
+    moved = output.movedim(axis, 0)
+    y = transport(moved.reshape(moved.shape[0], -1))
+    return y.reshape(moved.shape).movedim(0, axis).contiguous()
+
+
 def _resolve_strengths(names: list[str], strength: float | Mapping[str, float]) -> dict[str, float]:
     out = {k: float(v) for k, v in _per_site(names, strength, 1.0).items()}
     bad = {k: v for k, v in out.items() if not 0.0 <= v <= 1.0}
@@ -426,11 +433,10 @@ class DMC(nn.Module):
     def _correct_batch(self, name: str, output: Tensor, axis: int) -> Tensor:
         """Match the batch's values of every channel to the reference (``batch``)."""
         q = self._table(name, output.device)
-        if self.mode == "grid":
-            return self._correct_grid(name, output, axis, q)
-        moved = output.movedim(axis, 0)
-        y = transport_exact(moved.reshape(moved.shape[0], -1), q)
-        return y.reshape(moved.shape).movedim(0, axis).contiguous()
+        if self.mode == "exact":
+            return _per_channel(output, axis, lambda x: transport_exact(x, q))
+        values = self._batch_values(output, axis)
+        return self._apply(output, axis, lut_from_sample(values, q, self._knots(values)))
 
     def _correct_per_sample(self, name: str, output: Tensor, axis: int) -> Tensor:
         """Match every sample's channel, over its positions, to the per-sample reference."""
@@ -470,22 +476,15 @@ class DMC(nn.Module):
             q_test = torch.lerp(previous, q_batch, self.momentum)
             self._ema[name] = q_test
         if self.mode == "exact":
-            moved = output.movedim(axis, 0)
-            y = transport_quantiles(moved.reshape(moved.shape[0], -1), q_test, q_ref)
-            return y.reshape(moved.shape).movedim(0, axis).contiguous()
-        lut = lut_from_quantiles(q_test, q_ref, lo, step, knots)
-        if _is_channels_last(output, axis):
+            return _per_channel(output, axis, lambda x: transport_quantiles(x, q_test, q_ref))
+        return self._apply(output, axis, lut_from_quantiles(q_test, q_ref, lo, step, knots))
+
+    def _apply(self, output: Tensor, axis: int, lut) -> Tensor:
+        """`apply_lut` in the output's own memory layout (a channels-last output stays so)."""
+        if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
             view = output.permute(0, 2, 3, 1)
             return apply_lut(view, lut, 3, self._grid(view, 3)).permute(0, 3, 1, 2)
         return apply_lut(output, lut, axis, self._grid(output, axis))
-
-    def _correct_grid(self, name: str, output: Tensor, axis: int, q: Tensor) -> Tensor:
-        """Grid mode on one site's output, in the output's own memory layout."""
-        if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
-            return self._correct_grid(name, output.permute(0, 2, 3, 1), 3, q).permute(0, 3, 1, 2)
-        values = self._batch_values(output, axis)
-        knots = self._knots(values)
-        return apply_lut(output, lut_from_sample(values, q, knots), axis, self._grid(output, axis))
 
     def _knots(self, values: Tensor) -> int:
         """Grid mode's table nodes for ``C×M`` values: no finer cells than about 4 values each
