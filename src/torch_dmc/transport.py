@@ -11,7 +11,11 @@ their *average* rank, and ``u_i = (r_i - 1/2) / N``, the corrected value is ``T(
 the 1-D Wasserstein-p distance between the batch's empirical distribution and the reference, for
 every p >= 1. `transport_exact` computes it with a full sort; grid mode (`lut_from_sample` then
 `apply_lut`) estimates the batch CDF from a histogram and applies the tabulated map in one pass,
-to activations of any layout (``N×C×…`` or ``N×T×C``).
+to activations of any layout (``N×C×…`` or ``N×T×C``). `transport_quantiles` (exact) and
+`lut_from_quantiles` (grid) map through an *estimated* test quantile function instead of the
+batch's ranks: the ``prior`` and ``ema`` estimates blend quantile tables (`empirical_quantiles`,
+or `histogram_quantiles` without a sort) and invert them with `quantile_cdf`. Rows may also be
+``B·C`` (sample, channel) pairs read with their channel's table: the ``per-sample`` estimate.
 
 Nothing here loops over channels or samples in Python.
 """
