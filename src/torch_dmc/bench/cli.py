@@ -215,7 +215,11 @@ def bench_streams(args) -> list[str]:
 
 
 def bench_protocol(args) -> tuple[Protocol, dict | None]:
-    """The protocol the flags describe, and the method-config file's content (or ``None``)."""
+    """The protocol the flags describe, and the ``--method-config`` files (or ``None``).
+
+    The second value is ``{"methods": merged options, "files": [each file's content], "paths":
+    [each file's path]}``.
+    """
     from .tune import load_method_config
 
     quick = bool(getattr(args, "quick", False))
@@ -239,7 +243,7 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
                     "options in one file only."
                 )
             options.update(cfg["methods"])
-        method_config = configs[0] if len(configs) == 1 else {"methods": options, "files": configs}
+        method_config = {"methods": options, "files": configs, "paths": files}
     protocol = Protocol(
         methods=parse_name_list(args.methods),
         corruptions=corruptions.resolve_corruptions(pick("corruptions", "common")),
@@ -277,10 +281,8 @@ def run_bench(args) -> int:
     out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("bench-%Y%m%d-%H%M%S")
     extra = None
     if method_config is not None:
-        files = parse_name_list(args.method_config)
-        configs = method_config.get("files", [method_config])
         described = []
-        for path, cfg in zip(files, configs, strict=True):
+        for path, cfg in zip(method_config["paths"], method_config["files"], strict=True):
             described.append(
                 {
                     "path": str(path),

@@ -19,6 +19,7 @@ never mixed: every mean is of one stream.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import tempfile
 from collections import defaultdict
@@ -29,6 +30,7 @@ from .protocol import CLEAN, Cell
 from .streams import IID
 
 __all__ = [
+    "KEY_COLUMNS",
     "COLUMNS",
     "TIMING_COLUMNS",
     "ResultsWriter",
@@ -38,26 +40,10 @@ __all__ = [
     "Summary",
 ]
 
-COLUMNS: tuple[str, ...] = (
-    "method",
-    "corruption",
-    "severity",
-    "batch_size",
-    "seed",
-    "stream",
-    "n",
-    "n_wrong",
-    "error",
-)
-TIMING_COLUMNS: tuple[str, ...] = (
-    "method",
-    "corruption",
-    "severity",
-    "batch_size",
-    "seed",
-    "stream",
-    "seconds",
-)
+#: The key of a row: the fields of :class:`~torch_dmc.bench.protocol.Cell`, in order.
+KEY_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Cell))
+COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "n", "n_wrong", "error")
+TIMING_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "seconds")
 
 _INT = ("severity", "batch_size", "seed", "n", "n_wrong")
 

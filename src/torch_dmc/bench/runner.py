@@ -38,6 +38,7 @@ from torch import nn
 
 from .. import methods as methods_mod
 from ..data import arrays, corruptions
+from ..dmc import _model_device
 from . import provenance
 from .metrics import COLUMNS, TIMING_COLUMNS, ResultsWriter, done_cells, error_percent, read_results
 from .protocol import CLEAN, Protocol, Unit, pending
@@ -156,10 +157,6 @@ def _array_digest(*xs: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def _model_device(net: nn.Module) -> torch.device:
-    return next(iter(net.parameters()), torch.empty(0)).device
-
-
 def check_model_fits(model: nn.Module, data: arrays.ImageData) -> None:
     """Raise ``ValueError`` if the model cannot take the data's images or labels."""
     x = arrays.to_tensor(data.x_test[:2])
@@ -254,7 +251,7 @@ def stream_errors(
         ``(n, n_wrong, seconds)`` per segment.
     """
     needs_grad = getattr(method, "optimizer", None) is not None
-    device = next(iter(method.parameters()), torch.empty(0)).device
+    device = _model_device(method)
     out = []
     for x, y in segments:
         t0 = time.perf_counter()
@@ -272,9 +269,8 @@ def stream_errors(
 
 
 def _stream_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int, stream: str):
-    """``(x, y)`` batches of one segment in the order of ``stream``."""
-    if stream == IID:  # exactly the order of every result before streams existed
-        return arrays.batches(x, y, batch_size, shuffle=True, seed=seed)
+    """``(x, y)`` batches of one segment in the order of ``stream`` (iid: the order of
+    ``arrays.batches(..., shuffle=True, seed=seed)``, as every result before streams existed)."""
     order = stream_order(stream, y, seed)
     return ((x[b], y[b]) for b in order.split(batch_size))
 
@@ -290,6 +286,19 @@ class _Images:
         self.workers, self.progress = workers, progress
         self._memo: dict[tuple[str, int], np.ndarray] = {}
 
+    def load(self, corruption: str, severity: int) -> np.ndarray:
+        """The ``uint8`` images of one set: the clean ones, or the corrupted ones (cached on disk)."""
+        if corruption == CLEAN:
+            return self.x
+        return self.cache.get(
+            self.x,
+            corruption,
+            severity,
+            seed=self.protocol.gen_seed,
+            workers=self.workers,
+            progress=self.progress,
+        )
+
     def segments(self, corruptions: tuple[str, ...], severity: int):
         """``(x, y)`` float tensors per corruption, lazily; drops every other memoised set."""
         keys = [(c, severity) for c in corruptions]
@@ -298,18 +307,7 @@ class _Images:
                 del self._memo[k]
         for key in keys:
             if key not in self._memo:
-                corruption, sev = key
-                if corruption == CLEAN:
-                    self._memo[key] = self.x
-                else:
-                    self._memo[key] = self.cache.get(
-                        self.x,
-                        corruption,
-                        sev,
-                        seed=self.protocol.gen_seed,
-                        workers=self.workers,
-                        progress=self.progress,
-                    )
+                self._memo[key] = self.load(*key)
         # float tensors one segment at a time (a continual stream holds 15 sets)
         return ((arrays.to_tensor(self._memo[k]), self.y) for k in keys)
 
@@ -616,14 +614,7 @@ def _generate_all(units: list[Unit], images: _Images, log: Callable[[str], None]
     if keys:
         log(f"making sure {len(keys)} corrupted set(s) are cached")
     for corruption, severity in keys:
-        images.cache.get(
-            images.x,
-            corruption,
-            severity,
-            seed=images.protocol.gen_seed,
-            workers=images.workers,
-            progress=images.progress,
-        )
+        images.load(corruption, severity)
 
 
 _WORKER: dict[str, Any] = {}

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..data.arrays import shuffled_order
+
 __all__ = [
     "IID",
     "LABEL_SHIFT_PREFIX",
@@ -185,6 +187,5 @@ def stream_order(stream: str, labels: np.ndarray | torch.Tensor, seed: int) -> t
     """
     alpha = parse_stream(stream)
     if alpha is None:
-        gen = torch.Generator().manual_seed(int(seed))
-        return torch.randperm(len(labels), generator=gen)
+        return shuffled_order(len(labels), seed)
     return label_shift_order(labels, alpha, seed)

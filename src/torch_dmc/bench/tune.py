@@ -111,10 +111,10 @@ class TuneGrid:
 
     def size(self) -> int:
         return len(self.site_sets) * len(self.strengths) * len(self.modes) * len(self.adapt_bn) * len(
-            self._extra()
+            self.extra_options()
         )
 
-    def _extra(self) -> list[dict[str, float]]:
+    def extra_options(self) -> list[dict[str, float]]:
         """The method-specific options to cross with the others."""
         if self.method == "dmc-prior":
             return [{"prior": float(v)} for v in self.priors]
@@ -230,7 +230,7 @@ def candidates(grid: TuneGrid, sites: Sequence[str]) -> list[dict[str, Any]]:
     """
     out, seen = [], set()
     for token, lam, mode, adapt, extra in itertools.product(
-        grid.site_sets, grid.strengths, grid.modes, grid.adapt_bn, grid._extra()
+        grid.site_sets, grid.strengths, grid.modes, grid.adapt_bn, grid.extra_options()
     ):
         chosen = resolve_site_set(token, sites)
         if chosen is not None and list(chosen) == list(sites):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageData", "load_npz", "to_tensor", "batches", "Batches"]
+__all__ = ["ImageData", "load_npz", "to_tensor", "batches", "Batches", "shuffled_order"]
 
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -203,6 +203,14 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return t.float().div_(255.0).contiguous()
 
 
+def shuffled_order(n: int, seed: int) -> torch.Tensor:
+    """The seeded random order of ``n`` samples: ``torch.randperm(n)`` from a ``torch.Generator``
+    seeded with ``seed`` (``int64``, shape ``n``). The order of shuffled :func:`batches` and of
+    the benchmark's ``iid`` stream."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(n, generator=gen)
+
+
 class Batches:
     """Re-iterable mini-batches over tensors; built by :func:`batches`.
 
@@ -236,8 +244,7 @@ class Batches:
         n = len(self.x)
         if not self.shuffle:
             return torch.arange(n)
-        gen = torch.Generator().manual_seed(int(self.seed))
-        return torch.randperm(n, generator=gen)
+        return shuffled_order(n, self.seed)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | torch.Tensor]:
         idx = self.order()
