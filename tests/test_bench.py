@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from torch_dmc import ReferenceStats
 from torch_dmc.bench import cli, runner
 from torch_dmc.bench.metrics import COLUMNS, TIMING_COLUMNS, Summary, done_cells, read_results
 from torch_dmc.bench.protocol import CLEAN, Cell, Protocol, parse_int_list
@@ -294,6 +295,27 @@ def test_every_method_runs_schema_report_plots(model, data, tmp_path):
     for png in ("heatmap.png", "severity_top.png", "batch_size.png"):
         assert (out / png).stat().st_size > 1000
     assert (out / "stats.safetensors").is_file() and (out / "timings.csv").is_file()
+
+
+def test_per_sample_reference_fitted_only_when_a_method_needs_it(model, data, tmp_path):
+    p = small_protocol(methods=["dmc"], corruptions=["contrast"])
+    run(p, tmp_path / "plain", model, data, tmp_path)
+    plain = ReferenceStats.load(tmp_path / "plain" / "stats.safetensors")
+    assert plain.per_sample == {}
+    # a per-sample method cannot run on stats without the per-sample reference: said up front
+    with pytest.raises(ValueError, match="no per-sample reference.*dmc fit --per-sample"):
+        run(small_protocol(methods=["dmc-per-sample"], corruptions=["contrast"]), tmp_path / "x",
+            model, data, tmp_path, stats_path=tmp_path / "plain" / "stats.safetensors")
+    with pytest.raises(ValueError, match="no per-sample reference"):  # nor resume onto them
+        run(small_protocol(methods=["dmc", "dmc-per-sample"], corruptions=["contrast"]),
+            tmp_path / "plain", model, data, tmp_path, resume=True)
+    p = small_protocol(methods=["dmc"], corruptions=["contrast"],
+                       method_options={"dmc": {"estimate": {"*": "per-sample"}}})
+    run(p, tmp_path / "ps", model, data, tmp_path)
+    fitted = ReferenceStats.load(tmp_path / "ps" / "stats.safetensors")
+    assert set(fitted.per_sample) and fitted.quantiles.keys() == plain.quantiles.keys()
+    for site, q in plain.quantiles.items():  # the pooled tables are the same either way
+        assert torch.equal(fitted.quantiles[site], q)
 
 
 def test_deterministic(model, data, tmp_path):

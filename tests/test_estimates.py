@@ -127,7 +127,7 @@ def shifted(x: torch.Tensor, seed: int) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def net_and_stats():
     model = spatial_cnn()
-    stats = dmc.fit(model, [images(50, i) for i in range(8)], levels=129, progress=False)
+    stats = dmc.fit(model, [images(50, i) for i in range(8)], levels=129, progress=False, per_sample=True)
     return model, stats
 
 
@@ -135,7 +135,7 @@ def test_fit_stores_the_mean_per_sample_quantile_function(net_and_stats, tmp_pat
     model, stats = net_and_stats
     assert sorted(stats.per_sample) == ["1", "4"]  # "9" (BatchNorm1d) has one position per sample
     batches = [images(10, i) for i in range(3)]
-    exact = dmc.fit(model, batches, levels=33, progress=False, per_sample_images=None)
+    exact = dmc.fit(model, batches, levels=33, progress=False, per_sample=True, per_sample_images=None)
     with torch.no_grad():
         act = model[1](model[0](torch.cat(batches)))
     rows = act.reshape(30 * 6, 100)
@@ -147,8 +147,8 @@ def test_fit_stores_the_mean_per_sample_quantile_function(net_and_stats, tmp_pat
     assert back.checksum() == stats.checksum()
     for k, v in stats.per_sample.items():
         assert torch.equal(back.per_sample[k], v)
-    # the pooled reference does not depend on whether per-sample tables were fitted
-    without = dmc.fit(model, [images(50, i) for i in range(8)], levels=129, progress=False, per_sample=False)
+    # off by default; the pooled reference does not depend on whether per-sample tables were fitted
+    without = dmc.fit(model, [images(50, i) for i in range(8)], levels=129, progress=False)
     assert without.per_sample == {} and without.quantiles.keys() == stats.quantiles.keys()
     for k in stats.quantiles:
         assert torch.equal(without.quantiles[k], stats.quantiles[k])

@@ -414,7 +414,7 @@ def test_tent_needs_norm_layers():
 def fitted():
     model = tiny_cnn()
     x1, x2 = batches(2, n=16, seed=3)
-    stats = torch_dmc.fit(model, [x1, x2], levels=64, progress=False)
+    stats = torch_dmc.fit(model, [x1, x2], levels=64, progress=False, per_sample=True)
     return model, stats
 
 
@@ -474,3 +474,13 @@ def test_dmc_estimate_methods_equal_dmc_with_that_estimate(fitted, name, estimat
     assert "estimate" not in type(fixed).valid_options()
     with pytest.raises(ValueError, match="estimate"):
         methods.build(name, model, stats=stats, estimate="batch")
+
+
+def test_needs_per_sample():
+    assert methods.needs_per_sample("dmc-per-sample")
+    assert methods.needs_per_sample("dmc", {"estimate": "per-sample"})
+    assert methods.needs_per_sample("dmc", {"estimate": {"stem*": "per-sample", "*": "prior"}})
+    assert not methods.needs_per_sample("dmc")
+    assert not methods.needs_per_sample("dmc", {"estimate": {"*": "prior"}})
+    assert not methods.needs_per_sample("dmc-prior", {"estimate": "per-sample"})
+    assert not methods.needs_per_sample("bn")

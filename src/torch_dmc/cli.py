@@ -93,6 +93,9 @@ def _add_fit(sub) -> None:
     p.add_argument("--levels", type=int, default=1024)
     p.add_argument("--sites", default="norm", help="'norm' or comma-separated name patterns")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-sample", action="store_true",
+                   help="also fit the reference of the per-sample estimate (dmc-per-sample); "
+                   "doubles the fit's cost and the file's size")
 
 
 def _run_fit(args) -> int:
@@ -110,7 +113,7 @@ def _run_fit(args) -> int:
         x = x[idx[: args.images].sort().values.numpy()]
     sites = "norm" if args.sites == "norm" else args.sites.split(",")
     stats = fit(model, batches(to_tensor(x), None, args.batch_size), sites=sites,
-                levels=args.levels, seed=args.seed)
+                levels=args.levels, seed=args.seed, per_sample=args.per_sample)
     stats.save(args.out)
     print(f"{len(stats.sites)} sites, {stats.nbytes() / 1e6:.2f} MB of tables, rank-error bound "
           f"{stats.info['rank_error_bound']:.4f}: {args.out}")

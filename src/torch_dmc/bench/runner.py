@@ -50,6 +50,7 @@ __all__ = [
     "resolve_model",
     "resolve_data",
     "fit_stats",
+    "check_per_sample",
     "obtain_stats",
     "stream_errors",
     "run_benchmark",
@@ -185,8 +186,10 @@ def fit_subset(n_train: int, fit_images: int | None, seed: int) -> np.ndarray:
     return np.sort(rng.permutation(n_train)[:fit_images])
 
 
-def fit_stats(model: nn.Module, data: arrays.ImageData, protocol: Protocol, *, progress: bool = True):
-    """Fit DMC reference statistics on the protocol's training images."""
+def fit_stats(model: nn.Module, data: arrays.ImageData, protocol: Protocol, *, progress: bool = True,
+              per_sample: bool = False):
+    """Fit DMC reference statistics on the protocol's training images (``per_sample``: also the
+    per-sample reference, see ``torch_dmc.fit``)."""
     from .. import fit
 
     idx = fit_subset(len(data.x_train), protocol.fit_images, protocol.fit_seed)
@@ -196,7 +199,19 @@ def fit_stats(model: nn.Module, data: arrays.ImageData, protocol: Protocol, *, p
         for s in range(0, len(idx), 500):
             yield arrays.to_tensor(x_train[idx[s : s + 500]])
 
-    return fit(model, stream(), levels=protocol.fit_levels, progress=progress, seed=protocol.fit_seed)
+    return fit(model, stream(), levels=protocol.fit_levels, progress=progress, seed=protocol.fit_seed,
+               per_sample=per_sample)
+
+
+def check_per_sample(stats, where: str, needed: bool) -> None:
+    """Raise if ``needed`` and ``stats`` (read from ``where``) hold no per-sample reference."""
+    if needed and not stats.per_sample:
+        raise ValueError(
+            f"the stats in {where} have no per-sample reference, which the per-sample estimate "
+            "(dmc-per-sample) needs; fit a file with it (`dmc fit --per-sample --out FILE`, or "
+            "torch_dmc.fit(..., per_sample=True)) and pass it with --stats, or delete the file "
+            "so that it is fitted again"
+        )
 
 
 def obtain_stats(
@@ -208,17 +223,24 @@ def obtain_stats(
     reuse: bool,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    per_sample: bool = False,
 ):
-    """Load ``path`` if ``reuse`` and it exists (checked against the model); else fit, save."""
+    """Load ``path`` if ``reuse`` and it exists (checked against the model); else fit, save.
+
+    ``per_sample``: the stats must hold the per-sample reference (fitted if so; a reused file
+    without it raises ``ValueError``).
+    """
     from .. import ReferenceStats
 
     if reuse and path.is_file():
         stats = ReferenceStats.load(path, model=model)
+        check_per_sample(stats, str(path), per_sample)
         log(f"reusing DMC stats {path} ({len(stats.sites)} sites, K={stats.levels})")
         return stats
     n = len(fit_subset(len(data.x_train), protocol.fit_images, protocol.fit_seed))
-    log(f"fitting DMC stats on {n} training images (K={protocol.fit_levels}) -> {path}")
-    stats = fit_stats(model, data, protocol, progress=progress)
+    what = " with the per-sample reference" if per_sample else ""
+    log(f"fitting DMC stats{what} on {n} training images (K={protocol.fit_levels}) -> {path}")
+    stats = fit_stats(model, data, protocol, progress=progress, per_sample=per_sample)
     path.parent.mkdir(parents=True, exist_ok=True)
     stats.save(path)
     return stats
@@ -354,6 +376,11 @@ def _needs_stats(protocol: Protocol) -> bool:
     return any(getattr(methods_mod.METHODS.get(m), "needs_stats", False) for m in protocol.methods)
 
 
+def _needs_per_sample(protocol: Protocol) -> bool:
+    return any(methods_mod.needs_per_sample(m, protocol.method_options.get(m))
+               for m in protocol.methods)
+
+
 # -- the run --
 def run_benchmark(
     protocol: Protocol,
@@ -461,6 +488,7 @@ def run_benchmark(
 
             stats = ReferenceStats.load(stats_path, model=net)
             where = str(stats_path)
+            check_per_sample(stats, where, _needs_per_sample(protocol))
         else:
             where = str(out / "stats.safetensors")
             stats = obtain_stats(
@@ -471,6 +499,7 @@ def run_benchmark(
                 reuse=resume,
                 progress=progress,
                 log=log,
+                per_sample=_needs_per_sample(protocol),
             )
         stats_info = {
             "path": where,

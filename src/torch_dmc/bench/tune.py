@@ -293,7 +293,8 @@ def tune(
     default_stats = out.with_name(out.stem + ".stats.safetensors")
     spath = Path(stats_path) if stats_path is not None else default_stats
     stats = obtain_stats(
-        model, data, bench_protocol, spath, reuse=stats_path is not None, progress=progress, log=log
+        model, data, bench_protocol, spath, reuse=stats_path is not None, progress=progress, log=log,
+        per_sample=methods_mod.needs_per_sample(grid.method),
     )
     fit_s = time.perf_counter() - t0
     cands = candidates(grid, stats.sites)

@@ -68,6 +68,22 @@ def build(name: str, model: nn.Module, stats=None, **options) -> Method:
     return cls(model, **options)
 
 
+def needs_per_sample(name: str, options: dict | None = None) -> bool:
+    """Whether method ``name`` with ``options`` reads the per-sample reference statistics.
+
+    True for ``dmc-per-sample`` and for ``dmc`` whose ``estimate`` option (one estimate, or a dict of
+    site pattern → estimate) names ``per-sample``: their stats must be fitted with
+    ``torch_dmc.fit(..., per_sample=True)``.
+    """
+    if name == DMCPerSample.name:
+        return True
+    if name != DMCMethod.name:
+        return False
+    estimate = (options or {}).get("estimate", "batch")
+    chosen = estimate.values() if isinstance(estimate, dict) else [estimate]
+    return DMCPerSample.estimate in chosen
+
+
 __all__ = [
     "BN",
     "BNEMA",
@@ -87,4 +103,5 @@ __all__ = [
     "batch_moments",
     "build",
     "configure_bn",
+    "needs_per_sample",
 ]

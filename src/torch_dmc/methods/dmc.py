@@ -161,7 +161,8 @@ class DMCPerSample(_FixedEstimate):
     Definition: ``dmc`` with ``estimate="per-sample"``: each sample's channel is mapped over its
     own spatial positions onto the mean per-sample reference quantile function; sites with fewer
     than ``min_positions`` positions per sample use the ``prior`` estimate. Needs stats fitted with
-    ``per_sample=True`` (the default of ``torch_dmc.fit``).
+    ``torch_dmc.fit(..., per_sample=True)`` (``dmc fit --per-sample``; ``dmc bench`` and ``dmc tune``
+    do so when a method needs them).
     """
 
     name = "dmc-per-sample"
