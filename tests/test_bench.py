@@ -19,6 +19,7 @@ from torch_dmc import ReferenceStats
 from torch_dmc.bench import cli, runner
 from torch_dmc.bench.metrics import COLUMNS, TIMING_COLUMNS, Summary, done_cells, read_results
 from torch_dmc.bench.protocol import CLEAN, Cell, Protocol, parse_int_list
+from torch_dmc.bench.report import render_report
 from torch_dmc.bench.streams import (
     canonical_stream,
     label_shift_order,
@@ -414,6 +415,17 @@ def test_label_shift_end_to_end(model, data, tmp_path):
     assert {r["stream"] for r in cont} == {"label-shift-0.1"} and len(cont) == 3
 
 
+def test_stream_table_lists_only_batch_sizes_with_a_shifted_stream():
+    def row(b, stream, error):
+        return {"method": "m", "corruption": "a", "severity": 5, "batch_size": b, "seed": 0,
+                "stream": stream, "n": 10, "n_wrong": int(error / 10), "error": error}
+
+    rows = [row(4, "iid", 20.0), row(8, "iid", 30.0), row(8, "label-shift-0.1", 70.0)]
+    report = render_report(rows, {"protocol": {"methods": ["m"], "seeds": [0]}})
+    table = report.split("## iid vs label-shifted streams")[1].split("##")[0]
+    assert "| 8 | m | 30.00 | 70.00 | 40.00 |" in table and "| 4 |" not in table
+
+
 def test_resume_old_results_without_stream_column(model, data, tmp_path, monkeypatch):
     p = small_protocol(methods=["source", "bn"], corruptions=["contrast"])
     out = tmp_path / "old"
@@ -504,6 +516,14 @@ def test_summary_means_seeds_first():
     s = Summary(rows)
     assert s.error("m", "a", 5, 8) == 20.0
     assert s.severity_mean("m", 5, 8) == 40.0
+    assert s.seeds == [0, 1]
+    assert s.seed_range("m", 5, 8) is None  # seed 1 lacks corruption b: one complete seed only
+    rows.append({**rows[2], "seed": 1, "n_wrong": 5, "error": 50.0})
+    s = Summary(rows)
+    assert s.seed_range("m", 5, 8) == (35.0, 40.0)  # seed 0: (10 + 60) / 2, seed 1: (30 + 50) / 2
+    report = render_report(rows, {"protocol": {"methods": ["m"], "seeds": [0, 1]}})
+    assert "## Spread over stream seeds (severity 5" in report and "| 8 | 35.00–40.00 |" in report
+    assert "Spread over stream seeds" not in render_report(rows[:3], {"protocol": {"seeds": [0]}})
 
 
 # -- CLI ---------------------------------------------------------------------------------------

@@ -220,6 +220,7 @@ class Summary:
         methods, corruptions, severities, batch_sizes, streams: what the rows hold, in order.
         stream: the primary stream (``iid`` when there are no rows).
         cell: ``(method, corruption, severity, batch_size, stream)`` → mean error over seeds.
+        seeds: the stream seeds present, sorted.
     """
 
     def __init__(
@@ -242,6 +243,11 @@ class Summary:
         self.severities: list[int] = sorted({r["severity"] for r in rows if r["severity"] > 0})
         self.batch_sizes: list[int] = sorted({r["batch_size"] for r in rows})
         self.cell = seed_means(rows)
+        self.seeds: list[int] = sorted({r["seed"] for r in rows})
+        self._by_seed: dict[tuple, float] = {
+            (r["method"], r["corruption"], r["severity"], r["batch_size"], r.get("stream", IID), r["seed"]):
+            r["error"] for r in rows
+        }
 
     @property
     def top_severity(self) -> int | None:
@@ -275,6 +281,22 @@ class Summary:
         """Mean over severities of the per-severity means (all corrupted cells, clean excluded)."""
         vals = [self.severity_mean(method, s, batch_size, stream) for s in self.severities]
         return _mean([v for v in vals if v is not None])
+
+    def seed_range(
+        self, method: str, severity: int, batch_size: int, stream: str | None = None
+    ) -> tuple[float, float] | None:
+        """Lowest and highest, over stream seeds, of one seed's mean over corruptions at ``severity``.
+
+        Only seeds with every corruption present count; ``None`` with fewer than two such seeds.
+        """
+        stream = self.stream if stream is None else stream
+        means = []
+        for seed in self.seeds:
+            vals = [self._by_seed.get((method, c, severity, batch_size, stream, seed))
+                    for c in self.corruptions]
+            if vals and all(v is not None for v in vals):
+                means.append(sum(vals) / len(vals))
+        return (min(means), max(means)) if len(means) > 1 else None
 
     def relative(
         self, method: str, batch_size: int, baseline: str = "source", stream: str | None = None

@@ -10,6 +10,8 @@ Tables (all errors are top-1 in %, seeds averaged first; the lowest value of a r
 5. iid vs label-shifted streams: per batch size and method, the mean over corrupted cells (clean
    error when no corruption ran) in ``iid`` and in every ``label-shift-<alpha>`` stream, and the
    difference (when ``iid`` and at least one label-shifted stream ran).
+6. spread over stream seeds: per batch size and stream, each method's lowest and highest seed mean
+   at the top severity (with two or more seeds).
 
 Tables 1–3 use the first batch size of the protocol (the "primary" one); tables 1–4 use the first
 stream of the protocol (the primary one, ``iid`` by default). Means never mix streams.
@@ -60,8 +62,9 @@ def _stream_section(summary: Summary) -> list[str]:
     for st in shifted:
         header += [st, f"Δ {st} (pp)"]
     body = []
-    for b in summary.batch_sizes:
-        if not any(value(m, b, IID) is not None for m in summary.methods):
+    for b in summary.batch_sizes:  # only the batch sizes that ran in iid and a shifted stream
+        if not any(value(m, b, IID) is not None for m in summary.methods) or not any(
+                value(m, b, st) is not None for m in summary.methods for st in shifted):
             continue
         for m in summary.methods:
             base = value(m, b, IID)
@@ -79,6 +82,34 @@ def _stream_section(summary: Summary) -> list[str]:
         "The same images in another order: Δ is the label-shifted error minus the iid error (pp).",
         "",
         *_table(header, body),
+        "",
+    ]
+
+
+def _seed_section(summary: Summary) -> list[str]:
+    """Table 6: per batch size and stream, each method's lowest–highest seed mean at the top
+    severity (empty with one seed)."""
+    top = summary.top_severity
+    if len(summary.seeds) < 2 or top is None:
+        return []
+    body = []
+    for st in summary.streams or [IID]:
+        for b in summary.batch_sizes_of(st):
+            spans = [summary.seed_range(m, top, b, st) for m in summary.methods]
+            if not any(spans):
+                continue
+            label = str(b) if st == IID else f"{b}, {st}"
+            cells = ["–" if r is None else f"{r[0]:.2f}–{r[1]:.2f}" for r in spans]
+            body.append("| " + " | ".join([label, *cells]) + " |")
+    if not body:
+        return []
+    return [
+        f"## Spread over stream seeds (severity {top}, top-1 error %)",
+        "",
+        f"Each seed's mean over the corruptions, lowest–highest over the seeds {summary.seeds} "
+        "(only seeds that ran every corruption); the tables above show the mean over seeds.",
+        "",
+        *_table(["batch size", *summary.methods], body),
         "",
     ]
 
@@ -238,6 +269,9 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
 
     # 5. iid vs label-shifted
     lines += _stream_section(summary)
+
+    # 6. spread over seeds
+    lines += _seed_section(summary)
 
     # methods
     lines += ["## Methods", ""]
