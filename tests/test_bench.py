@@ -426,6 +426,21 @@ def test_stream_table_lists_only_batch_sizes_with_a_shifted_stream():
     assert "| 8 | m | 30.00 | 70.00 | 40.00 |" in table and "| 4 |" not in table
 
 
+def test_dmc_report_rewrites_report_and_plots(model, data, tmp_path, capsys):
+    from torch_dmc.cli import main
+
+    out = tmp_path / "run"
+    run(small_protocol(methods=["source", "bn"], corruptions=["contrast"]), out, model, data, tmp_path,
+        plots=True)
+    report = out / "report.md"
+    expected = report.read_text()
+    report.write_text("stale")
+    assert main(["report", str(out)]) == 0
+    assert report.read_text() == expected and (out / "heatmap.png").stat().st_size > 1000
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no results.csv or config.json" in capsys.readouterr().err
+
+
 def test_resume_old_results_without_stream_column(model, data, tmp_path, monkeypatch):
     p = small_protocol(methods=["source", "bn"], corruptions=["contrast"])
     out = tmp_path / "old"

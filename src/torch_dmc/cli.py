@@ -135,6 +135,27 @@ def _run_perf(args) -> int:
     return run_perf(args)
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="rewrite report.md and the plots of a results folder",
+                       description="Recompute report.md and the PNG plots of a `dmc bench` folder "
+                       "from its results.csv and config.json, without running anything.")
+    p.add_argument("folder", metavar="DIR", help="a folder written by `dmc bench`")
+    p.add_argument("--no-plots", action="store_true", help="only report.md")
+
+
+def _run_report(args) -> int:
+    from .bench.report import finish
+
+    folder = Path(args.folder)
+    missing = [n for n in ("results.csv", "config.json") if not (folder / n).is_file()]
+    if missing:
+        print(f"dmc report: {folder} has no {' or '.join(missing)}; pass a folder written by "
+              "`dmc bench --out`", file=sys.stderr)
+        return 2
+    finish(folder, plots=not args.no_plots)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dmc`` console script."""
     parser = argparse.ArgumentParser(
@@ -147,9 +168,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark methods on corrupted data"))
     add_tune_arguments(sub.add_parser("tune", help="choose DMC options on validation corruptions"))
+    _add_report(sub)
     _add_perf(sub)
     runners = {"demo": _run_demo, "train": _run_train, "fit": _run_fit, "bench": run_bench,
-               "tune": run_tune, "perf": _run_perf}
+               "tune": run_tune, "report": _run_report, "perf": _run_perf}
     args = parser.parse_args(argv)
     return runners[args.command](args)
 
