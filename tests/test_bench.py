@@ -772,6 +772,22 @@ def test_tune_writes_config_that_bench_reads(tmp_path, fake_models, data, monkey
     assert config["method_config"]["selection"] == chosen["selection"]
 
 
+def test_tune_per_sample_fits_its_reference(tmp_path, fake_models):
+    npz = tmp_path / "tiny.npz"
+    np.savez(npz, **tiny_arrays())
+    out = tmp_path / "tune-per-sample.json"
+    rc = cli.run_tune(tune_args(
+        "--data", str(npz), "--method", "dmc-per-sample", "--corruptions", "speckle_noise",
+        "--severities", "3", "--n-test", "16", "--batch-size", "8", "--site-sets", "all",
+        "--strengths", "1.0", "--adapt-bn", "false", "--fit-levels", "64", "--workers", "1",
+        "--cache", str(tmp_path / "cache"), "--out", str(out), "--baselines", "", "--no-progress",
+    ))
+    assert rc == 0
+    chosen = json.loads(out.read_text())
+    assert "dmc-per-sample" in chosen["methods"]
+    assert ReferenceStats.load(chosen["stats"]["path"]).per_sample
+
+
 def test_cli_model_folder(tmp_path):
     from torch_dmc.bench.provenance import sha256_file
     from torch_dmc.models import build_default, save_model

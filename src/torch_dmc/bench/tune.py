@@ -294,7 +294,7 @@ def tune(
     spath = Path(stats_path) if stats_path is not None else default_stats
     stats = obtain_stats(
         model, data, bench_protocol, spath, reuse=stats_path is not None, progress=progress, log=log,
-        per_sample=methods_mod.needs_per_sample(grid.method),
+        per_sample=any(methods_mod.needs_per_sample(m) for m in (grid.method, *baselines)),
     )
     fit_s = time.perf_counter() - t0
     cands = candidates(grid, stats.sites)
