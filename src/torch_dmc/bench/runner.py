@@ -193,14 +193,25 @@ def fit_stats(model: nn.Module, data: arrays.ImageData, protocol: Protocol, *, p
     from .. import fit
 
     idx = fit_subset(len(data.x_train), protocol.fit_images, protocol.fit_seed)
-    x_train = data.x_train
-
-    def stream():
-        for s in range(0, len(idx), 500):
-            yield arrays.to_tensor(x_train[idx[s : s + 500]])
-
-    return fit(model, stream(), levels=protocol.fit_levels, progress=progress, seed=protocol.fit_seed,
+    chunks = [idx[s : s + 500] for s in range(0, len(idx), 500)]
+    # a list of lazily converted batches: float tensors one chunk at a time, and a length for
+    # fit's progress bar
+    stream = _Lazy(lambda rows: arrays.to_tensor(data.x_train[rows]), chunks)
+    return fit(model, stream, levels=protocol.fit_levels, progress=progress, seed=protocol.fit_seed,
                per_sample=per_sample)
+
+
+class _Lazy:
+    """``fn(item)`` for each item, computed when iterated; ``len`` is the number of items."""
+
+    def __init__(self, fn: Callable, items: list) -> None:
+        self.fn, self.items = fn, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return (self.fn(item) for item in self.items)
 
 
 def check_per_sample(stats, where: str, needed: bool) -> None:
