@@ -93,7 +93,7 @@ def _seed_section(summary: Summary) -> list[str]:
     if len(summary.seeds) < 2 or top is None:
         return []
     body = []
-    for st in summary.streams or [IID]:
+    for st in summary.streams:
         for b in summary.batch_sizes_of(st):
             spans = [summary.seed_range(m, top, b, st) for m in summary.methods]
             if not any(spans):
