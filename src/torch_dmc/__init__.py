@@ -10,8 +10,7 @@ matching). No retraining, no labels.
     >>> model = corrected.remove()                                    # doctest: +SKIP
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .dmc import DMC, ESTIMATES, MODES, corrected, fit, format_shift_report, shift_report  # noqa: E402
 from .stats_io import ReferenceStats, StatsMismatchError  # noqa: E402
 

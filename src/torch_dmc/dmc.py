@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
 from .sites import (
     SiteSpec,
     register_output_hooks,
