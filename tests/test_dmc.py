@@ -86,7 +86,7 @@ def test_corrected_values_are_within_sketch_error_of_the_reference():
     # sample is bounded by the sketch's rank error times the source's range, plus 1/N
     g = torch.Generator().manual_seed(0)
     source = torch.distributions.Gamma(2.0, 1.0).sample((1, 200_000))
-    model = nn.Sequential(nn.Identity())
+    model = nn.Sequential(nn.Identity()).eval()
     stats = dmc.fit(model, [source[:, i:i + 20_000].T for i in range(0, 200_000, 20_000)],
                     sites="0", channel_axes=1, levels=1025, progress=False)
     test = torch.randn(5000, 1, generator=g)
@@ -220,7 +220,7 @@ def test_a_pickle_is_refused_without_being_executed(tmp_path, monkeypatch):
 
 def test_layernorm_tokens_use_the_last_axis():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 3))
+    model = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 3)).eval()
     tokens = [torch.randn(4, 10, 6) for _ in range(4)]
     stats = dmc.fit(model, tokens, progress=False, levels=65)
     assert stats.channel_axes == {"1": -1} and stats.channels == {"1": 12}
@@ -250,7 +250,7 @@ def test_fit_errors_and_limits():
 
 def test_wrong_input_channels_at_apply_time_are_explained(model_and_stats):
     model, stats = model_and_stats
-    tokens = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12))
+    tokens = nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12)).eval()
     stats_tok = dmc.fit(tokens, [torch.randn(2, 3, 6)], progress=False, levels=9)
     stats_tok.channel_axes["1"] = 1  # pretend it was fitted on N×C×… outputs
     with dmc.corrected(tokens, stats_tok) as m, pytest.raises(dmc.StatsMismatchError,

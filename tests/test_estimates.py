@@ -1,4 +1,7 @@
-"""The test-distribution estimates of DMC (DESIGN §1): prior, ema, per-sample, and their math."""
+"""The test-distribution estimates of DMC: prior, ema, per-sample, and their math.
+
+Specified in docs/method.md § Estimates.
+"""
 
 import copy
 import math

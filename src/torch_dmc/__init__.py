@@ -2,7 +2,7 @@
 
 Every chosen layer's activations are mapped, channel by channel, onto the distribution that layer had
 on training data, by the monotone map that minimises the 1-D Wasserstein distance (quantile
-matching). No retraining, no labels.
+matching). No retraining, no labels. The method as implemented: docs/method.md.
 
     >>> import torch_dmc as dmc
     >>> stats = dmc.fit(model, train_loader)                          # doctest: +SKIP
@@ -11,11 +11,15 @@ matching). No retraining, no labels.
 """
 
 from ._version import __version__
-from .dmc import DMC, ESTIMATES, MODES, corrected, fit, format_shift_report, shift_report  # noqa: E402
-from .stats_io import ReferenceStats, StatsMismatchError  # noqa: E402
+from .correct import DMC, corrected
+from .fit import fit
+from .options import ESTIMATES, MODES, DMCOptions
+from .shift import format_shift_report, shift_report
+from .stats_io import ReferenceStats, StatsMismatchError
 
 __all__ = [
     "DMC",
+    "DMCOptions",
     "ESTIMATES",
     "MODES",
     "ReferenceStats",

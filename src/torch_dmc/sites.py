@@ -22,6 +22,8 @@ __all__ = [
     "select_sites",
     "channel_axis_for",
     "resolve_channel_axes",
+    "check_channel_axis",
+    "model_device",
     "site_fingerprint",
     "register_output_hooks",
 ]
@@ -61,15 +63,21 @@ def select_sites(model: nn.Module, sites: SiteSpec = "norm") -> list[str]:
     bad = [s for s in sites if not isinstance(s, (str, type))]
     if bad:
         raise TypeError(f"sites must be 'norm', module types or name patterns, found {bad!r}")
+    named = [(name, module) for name, module in model.named_modules() if name]
+    names = [n for n, _ in named]
+    shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
     chosen = [
-        name for name, module in model.named_modules()
-        if name and (isinstance(module, types) or any(fnmatch.fnmatchcase(name, p)
-                                                      for p in patterns))
+        name for name, module in named
+        if isinstance(module, types) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
     ]
     if not chosen:
-        names = [n for n, _ in model.named_modules() if n]
-        shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
         raise ValueError(f"no module of the model matches sites={sites!r}; its modules are: {shown}")
+    unmatched = [repr(p) for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    unmatched += [t.__name__ for t in types if t not in NORM_TYPES
+                  and not any(isinstance(m, t) for _, m in named)]
+    if unmatched:
+        raise ValueError(f"sites entry {', '.join(unmatched)} names no module of the model; its "
+                         f"modules are: {shown}")
     return chosen
 
 
@@ -88,16 +96,50 @@ def resolve_channel_axes(model: nn.Module, names: Iterable[str],
                          channel_axes: int | Mapping[str, int] | None = None) -> dict[str, int]:
     """Channel axis of every site: one override for all (int), per-pattern overrides, or defaults."""
     modules = dict(model.named_modules())
+    names = list(names)
+    if channel_axes is not None and not isinstance(channel_axes, (int, Mapping)) or isinstance(
+            channel_axes, bool):
+        raise TypeError(f"channel_axes must be an int, a dict of site pattern → int, or None; found "
+                        f"{channel_axes!r}")
     axes = {}
     for name in names:
         override = None
         if isinstance(channel_axes, int):
             override = channel_axes
         elif channel_axes is not None:
+            _check_axis_patterns(channel_axes, names)
             hits = [a for p, a in channel_axes.items() if fnmatch.fnmatchcase(name, p)]
             override = hits[-1] if hits else None
         axes[name] = channel_axis_for(modules[name], override)
     return axes
+
+
+def _check_axis_patterns(channel_axes: Mapping[str, int], names: list[str]) -> None:
+    bad = {p: a for p, a in channel_axes.items() if not isinstance(a, int) or isinstance(a, bool)}
+    if bad:
+        raise TypeError(f"channel_axes values must be ints, found {bad}")
+    unmatched = [p for p in channel_axes if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise ValueError(f"channel_axes pattern(s) {unmatched} match no site; the sites are: "
+                         f"{', '.join(names[:20])}")
+
+
+def check_channel_axis(name: str, output: Tensor, axis: int) -> int:
+    """``axis`` made non-negative for ``output``; `ValueError` naming the site if out of range."""
+    if not -output.dim() <= axis < output.dim():
+        raise ValueError(f"site {name!r}: channel axis {axis} is out of range for its output of "
+                         f"shape {tuple(output.shape)} ({output.dim()}-D); set channel_axes for it "
+                         f"to an axis in [-{output.dim()}, {output.dim() - 1}]")
+    return axis % output.dim()
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model without either."""
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
 
 
 def site_fingerprint(model: nn.Module, channels: Mapping[str, int]) -> str:

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["QuantileSketch", "rank_error_bound", "sample_channel_values"]
+__all__ = ["QuantileSketch", "rank_error_bound", "sample_channel_values", "sample_positions",
+           "gather_positions"]
 
 
 def rank_error_bound(total_values: int, kept_values: int, batches: int, capacity: int,
@@ -70,14 +71,32 @@ def sample_channel_values(act: Tensor, channel_axis: int, m: int,
     Returns:
         ``C×m`` sampled values.
     """
+    index = sample_positions(act.shape, channel_axis, m, generator, act.device)
+    return gather_positions(act, channel_axis, index)
+
+
+def sample_positions(shape: tuple[int, ...] | torch.Size, channel_axis: int, m: int,
+                     generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> tuple[Tensor, ...]:
+    """``m`` uniformly random positions (with replacement) of an activation of ``shape``.
+
+    Returns:
+        One index tensor of length ``m`` per axis other than the channel axis (on ``device``),
+        for `gather_positions`; a fixed ``generator`` state gives fixed positions.
+    """
+    axis = channel_axis % len(shape)
+    other = tuple(shape[:axis]) + tuple(shape[axis + 1:])
+    flat = torch.randint(math.prod(other), (m,), generator=generator,
+                         device=generator.device if generator is not None else "cpu")
+    return tuple(i.to(device) for i in torch.unravel_index(flat, other))
+
+
+def gather_positions(act: Tensor, channel_axis: int, index: tuple[Tensor, ...]) -> Tensor:
+    """The ``C×m`` values of every channel at the positions of `sample_positions` (a copy)."""
     axis = channel_axis % act.dim()
-    other = act.shape[:axis] + act.shape[axis + 1:]
-    positions = math.prod(other)
-    flat = torch.randint(positions, (m,), generator=generator, device=generator.device
-                         if generator is not None else "cpu").to(act.device)
-    index = list(torch.unravel_index(flat, other))
-    index.insert(axis, slice(None))
-    values = act[tuple(index)]
+    full = list(index)
+    full.insert(axis, slice(None))
+    values = act[tuple(full)]
     return values if axis == 0 else values.T  # advanced dims come first unless axis == 0
 
 
@@ -175,7 +194,7 @@ class QuantileSketch:
         """Add a batch of ``C×N`` channel-major values (see `update_activation` for raw outputs)."""
         if x.dim() != 2 or x.shape[0] != self.channels:
             raise ValueError(f"expected C×N values with C={self.channels}, found {tuple(x.shape)}")
-        self._add(x, x.shape[1], x.amin(dim=1), x.amax(dim=1), sample=True)
+        self._add(x, x.shape[1], x.amin(dim=1), x.amax(dim=1), sample=True, owned=False)
 
     def update_activation(self, act: Tensor, channel_axis: int) -> None:
         """Add a raw activation (any shape, channels on ``channel_axis``) without transposing it."""
@@ -189,16 +208,19 @@ class QuantileSketch:
         lo, hi = _channel_extremes(act, channel_axis % act.dim())
         m = n if self.samples_per_batch is None else min(n, self.samples_per_batch)
         if m < n:
-            values = sample_channel_values(act, channel_axis, m, self.generator)
-        else:
-            values = act.movedim(channel_axis, 0).reshape(c, n)
-        self._add(values, n, lo, hi, sample=False)
+            values, owned = sample_channel_values(act, channel_axis, m, self.generator), True
+        else:  # possibly a view of the activation, which a later in-place op may rewrite
+            values, owned = act.movedim(channel_axis, 0).reshape(c, n), False
+        self._add(values, n, lo, hi, sample=False, owned=owned)
 
-    def _add(self, x: Tensor, n: int, lo: Tensor, hi: Tensor, sample: bool) -> None:
-        x = x.detach().float()
+    def _add(self, x: Tensor, n: int, lo: Tensor, hi: Tensor, sample: bool, owned: bool) -> None:
+        """Buffer ``C×m`` values; ``owned``: ``x`` is a fresh tensor, else it is copied first."""
+        x = x.detach()
         if sample and self.samples_per_batch is not None and n > self.samples_per_batch:
             idx = torch.randint(n, (self.samples_per_batch,), generator=self.generator)
-            x = x[:, idx.to(x.device)]
+            x, owned = x[:, idx.to(x.device)], True
+        # what is kept must be a copy: the caller's tensor may be changed in place afterwards
+        x = x.float() if owned else x.to(torch.float32, copy=True)
         m = x.shape[1]
         # buffer unsorted values; sort once per `capacity` of them (fewer, larger sorts)
         self._buffer.append((x, n / m))

@@ -5,17 +5,22 @@ Every function here works on a *channel-major* matrix ``x`` of shape ``C×N``: r
 ``q`` of shape ``C×K`` holds each channel's quantile function at the ``K`` evenly spaced levels
 ``t_j = j / (K - 1)``, endpoints included, so ``q[:, 0]`` is the minimum and ``q[:, -1]`` the maximum.
 
-The transport (DESIGN §1): with ``r_i`` the rank of ``x_i`` among its channel's values, ties given
-their *average* rank, and ``u_i = (r_i - 1/2) / N``, the corrected value is ``T(x_i) = Q_ref(u_i)``,
-``Q_ref`` linearly interpolated between the stored levels. It is the monotone map that minimises
-the 1-D Wasserstein-p distance between the batch's empirical distribution and the reference, for
-every p >= 1. `transport_exact` computes it with a full sort; grid mode (`lut_from_sample` then
-`apply_lut`) estimates the batch CDF from a histogram and applies the tabulated map in one pass,
-to activations of any layout (``N×C×…`` or ``N×T×C``). `transport_quantiles` (exact) and
+The transport (docs/method.md § Transport): with ``r_i`` the rank of ``x_i`` among its channel's
+values, ties given their *average* rank, and ``u_i = (r_i - 1/2) / N``, the corrected value is
+``T(x_i) = Q_ref(u_i)``, ``Q_ref`` linearly interpolated between the stored levels. It is the
+monotone map that minimises the 1-D Wasserstein-p distance between the batch's empirical
+distribution and the reference, for every p >= 1. `transport_exact` computes it with a full sort;
+grid mode (docs/method.md § Grid mode: `lut_from_sample` then `apply_lut`) estimates the batch CDF
+from a histogram and applies the tabulated map in one pass, to activations of any layout
+(``N×C×…`` or ``N×T×C``). `transport_quantiles` (exact) and
 `lut_from_quantiles` (grid) map through an *estimated* test quantile function instead of the
 batch's ranks: the ``prior`` and ``ema`` estimates blend quantile tables (`empirical_quantiles`,
 or `histogram_quantiles` without a sort) and invert them with `quantile_cdf`. Rows may also be
 ``B·C`` (sample, channel) pairs read with their channel's table: the ``per-sample`` estimate.
+
+Non-finite values (NaN, ±Inf) are left out of every estimate of a row's distribution and pass
+through every map unchanged (docs/method.md § Bad input): a row's ``N`` is its count of finite
+values, and a row without any passes through whole.
 
 Nothing here loops over channels or samples in Python.
 """
@@ -28,6 +33,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "OUTLIER_LEVEL",
+    "OUTLIER_MARGIN",
+    "REFINEMENTS",
+    "all_finite",
     "tie_run_bounds",
     "midranks",
     "midrank_levels",
@@ -45,6 +54,44 @@ __all__ = [
     "lut_grid",
     "apply_lut",
 ]
+
+
+OUTLIER_LEVEL = 0.05
+"""``p`` of grid mode's knot range: the range is refined when it is much wider than the span of the
+central ``1 - 2p`` of the values (see `histogram_levels`)."""
+
+OUTLIER_MARGIN = 2.0
+"""``k`` of grid mode's knot range: a refined range keeps ``k`` times the central span on each side."""
+
+REFINEMENTS = 4
+"""At most this many refinements of grid mode's knot range (each narrows it by a factor of about
+``size / 5`` around the bulk of the values)."""
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether every value of ``x`` is finite, from one cheap reduction.
+
+    A sum is non-finite when any term is; when the sum of finite values overflows, the exact
+    (slower) check decides.
+    """
+    if not x.is_floating_point():
+        return True
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def _finite_sorted(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sort each row with its non-finite values moved to the end.
+
+    Returns:
+        ``(sorted, order, finite, n)``: the sorted ``C×N`` keys (non-finite entries as ``+inf``),
+        the sort order, the ``C×N`` finite mask of ``x`` and the ``C×1`` count of finite values.
+    """
+    finite = torch.isfinite(x)
+    keys = x if bool(finite.all()) else x.masked_fill(~finite, float("inf"))
+    sorted_x, order = keys.sort(dim=1)
+    return sorted_x, order, finite, finite.sum(dim=1, keepdim=True)
 
 
 def _check_matrix(x: Tensor, name: str = "x") -> None:
@@ -156,17 +203,19 @@ def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
         q_ref: ``C×K`` reference quantile table (levels ``j / (K - 1)``).
 
     Returns:
-        Corrected values, shape and dtype of ``x``.
+        Corrected values, shape and dtype of ``x``; non-finite values pass through and are left
+        out of the ranks of the others.
     """
     _check_matrix(x)
     if x.shape[0] % q_ref.shape[0] != 0:
         raise ValueError(f"x has {x.shape[0]} rows but the reference has {q_ref.shape[0]} channels")
-    n = x.shape[1]
-    sorted_x, order = x.sort(dim=1)
+    sorted_x, order, finite, n = _finite_sorted(x)
     first, last = tie_run_bounds(sorted_x)
-    u_sorted = (first + last + 1).to(q_ref.dtype) / (2 * n)  # ((first+last)/2 + 1 - 1/2) / N
+    # ((first + last) / 2 + 1 - 1/2) / N, N the row's finite values (the rest sort last, u > 1)
+    u_sorted = (first + last + 1).to(q_ref.dtype) / (2 * n.clamp_min(1))
     y_sorted = interp_quantiles(q_ref, u_sorted)
-    return torch.empty_like(y_sorted).scatter_(1, order, y_sorted).to(x.dtype)
+    y = torch.empty_like(y_sorted).scatter_(1, order, y_sorted).to(x.dtype)
+    return y if n.min() == x.shape[1] else torch.where(finite, y, x)
 
 
 def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:
@@ -180,13 +229,16 @@ def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:
         q_ref: ``C×K`` reference quantile table.
 
     Returns:
-        ``C`` distances, in the dtype of ``q_ref``.
+        ``C`` distances, in the dtype of ``q_ref``, over each row's finite values (NaN for a row
+        without any).
     """
     _check_matrix(x)
-    n = x.shape[1]
-    sorted_x = x.sort(dim=1).values.to(q_ref.dtype)
-    u = ((torch.arange(n, device=x.device, dtype=q_ref.dtype) + 0.5) / n).expand(x.shape[0], -1)
-    return (sorted_x - interp_quantiles(q_ref, u)).abs().mean(dim=1)
+    sorted_x, _, _, n = _finite_sorted(x)
+    i = torch.arange(x.shape[1], device=x.device, dtype=q_ref.dtype).expand(x.shape[0], -1)
+    u = (i + 0.5) / n.clamp_min(1)
+    inside = i < n
+    gap = (sorted_x.to(q_ref.dtype) - interp_quantiles(q_ref, u.clamp(0, 1))).abs()
+    return torch.where(inside, gap, 0).sum(dim=1) / n.squeeze(1)
 
 
 def empirical_quantiles(x: Tensor, levels: int) -> Tensor:
@@ -201,19 +253,21 @@ def empirical_quantiles(x: Tensor, levels: int) -> Tensor:
         levels: ``K >= 2``.
 
     Returns:
-        ``R×K`` float32 table, non-decreasing along each row.
+        ``R×K`` float32 table, non-decreasing along each row, of each row's finite values (a row
+        without any is NaN).
     """
     _check_matrix(x)
     if levels < 2:
         raise ValueError(f"levels must be at least 2 (both endpoints), found {levels}")
-    r, n = x.shape
-    v = x.float().sort(dim=1).values
+    v, _, _, n = _finite_sorted(x.float())
     t = torch.linspace(0, 1, levels, device=x.device)
-    pos = (t * n - 0.5).clamp(0, n - 1)  # fractional index of level t among the midpoints
-    lo = pos.floor().long().clamp_(max=max(n - 2, 0))
-    hi = (lo + 1).clamp_(max=n - 1)
-    frac = (pos - lo).clamp(0, 1).expand(r, -1)
-    return torch.lerp(v[:, lo], v[:, hi], frac)
+    top = (n - 1).clamp_min(0)
+    pos = torch.minimum((t * n - 0.5).clamp_min(0), top)  # index of level t among the midpoints
+    lo = torch.minimum(pos.floor().long(), (n - 2).clamp_min(0))
+    hi = torch.minimum(lo + 1, top)
+    frac = (pos - lo).clamp(0, 1)
+    q = torch.lerp(v.gather(1, lo), v.gather(1, hi), frac)
+    return q if n.min() > 0 else q.masked_fill(n == 0, float("nan"))
 
 
 def quantile_cdf(q: Tensor, x: Tensor) -> Tensor:
@@ -254,9 +308,9 @@ def quantile_cdf(q: Tensor, x: Tensor) -> Tensor:
 def transport_quantiles(x: Tensor, q_test: Tensor, q_ref: Tensor) -> Tensor:
     """Transport with an estimated test quantile function: ``T(x) = Q_ref(F_test(x))``.
 
-    The exact map of the ``prior`` and ``ema`` estimates (DESIGN §1): ``F_test`` is the inverse of
-    the table ``q_test`` (see `quantile_cdf`), e.g. a blend of the batch's and the reference's
-    quantile functions. Monotone, and equal inputs give equal outputs.
+    The exact map of the ``prior`` and ``ema`` estimates (docs/method.md § Estimates): ``F_test``
+    is the inverse of the table ``q_test`` (see `quantile_cdf`), e.g. a blend of the batch's and
+    the reference's quantile functions. Monotone, and equal inputs give equal outputs.
 
     Args:
         x: ``C×N`` values.
@@ -264,9 +318,13 @@ def transport_quantiles(x: Tensor, q_test: Tensor, q_ref: Tensor) -> Tensor:
         q_ref: ``C×K`` reference quantile table.
 
     Returns:
-        ``C×N`` corrected values, in the dtype of ``x``.
+        ``C×N`` corrected values, in the dtype of ``x``; non-finite values pass through.
     """
-    return interp_quantiles(q_ref, quantile_cdf(q_test, x)).to(x.dtype)
+    finite = torch.isfinite(x)
+    if bool(finite.all()):
+        return interp_quantiles(q_ref, quantile_cdf(q_test, x)).to(x.dtype)
+    y = interp_quantiles(q_ref, quantile_cdf(q_test, x.masked_fill(~finite, 0))).to(x.dtype)
+    return torch.where(finite, y, x)
 
 
 class Lut(NamedTuple):
@@ -281,37 +339,89 @@ class Lut(NamedTuple):
     step: Tensor  # C
 
 
-@torch.no_grad()
-def histogram_levels(values: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The average-rank level of each of ``size`` uniform nodes over the values' range: no sort.
-
-    The nodes ``lo + j·step`` span each row's range ``[lo, hi]``. Every value belongs to its
-    nearest node's cell; with ``b_j`` of the ``M`` values in cells below node ``j`` and ``n_j`` in
-    its own, the node's level is ``(b_j + n_j / 2) / M``: exactly `transport_exact`'s level for a
-    cell that holds one value or one atom (equal values). One histogram per row.
-
-    Args:
-        values: ``C×M`` values per channel (all of a batch's, or a random subsample).
-        size: nodes ``B >= 2`` per channel.
-
-    Returns:
-        ``(lo, step, level)``: ``C``, ``C`` and ``C×B`` float32; an all-equal row gets step 1.
-    """
-    _check_matrix(values, "values")
-    if size < 2:
-        raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
-    c, m = values.shape
-    lo, hi = values.float().aminmax(dim=1)
+def _histogram(values: Tensor, finite: Tensor, count: Tensor, lo: Tensor, hi: Tensor,
+               size: int) -> tuple[Tensor, Tensor]:
+    """Node spacing and average-rank node levels of finite ``values`` on ``size`` nodes over
+    ``[lo, hi]`` (values outside fall in the end nodes' cells); see `histogram_levels`."""
+    c = values.shape[0]
     step = (hi - lo) / (size - 1)
     # an all-equal channel gets step 1; a subnormal step would make 1/step overflow
     step = torch.where(step > 0, step, torch.ones_like(step)).clamp_min(torch.finfo(torch.float32).tiny)
     inv = (1 / step).unsqueeze(1)
-    cell = torch.addcmul(-lo.unsqueeze(1) * inv, values.float(), inv).round_().clamp_(0, size - 1)
-    offsets = (torch.arange(c, device=values.device) * size).unsqueeze(1)
-    counts = torch.bincount((cell.long() + offsets).flatten(), minlength=c * size)
-    counts = counts.view(c, size).to(torch.float32)
-    level = (counts.cumsum(dim=1) - counts / 2) / m  # (b_j + n_j / 2) / M
+    cell = torch.addcmul(-lo.unsqueeze(1) * inv, values, inv).round_().clamp_(0, size - 1)
+    cell = cell.masked_fill_(~finite, size)  # non-finite values go to a discarded extra cell
+    offsets = (torch.arange(c, device=values.device) * (size + 1)).unsqueeze(1)
+    counts = torch.bincount((cell.long() + offsets).flatten(), minlength=c * (size + 1))
+    counts = counts.view(c, size + 1)[:, :size].to(torch.float32)
+    level = (counts.cumsum(dim=1) - counts / 2) / count.unsqueeze(1)  # (b_j + n_j / 2) / M
+    return step, level
+
+
+@torch.no_grad()
+def histogram_levels(values: Tensor, size: int, *, robust: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The average-rank level of each of ``size`` uniform nodes over the values' range: no sort.
+
+    The nodes ``lo + j·step`` span each row's range ``[lo, hi]``. Every value belongs to its
+    nearest node's cell (values outside the range to the end nodes'); with ``b_j`` of the ``M``
+    finite values in cells below node ``j`` and ``n_j`` in its own, the node's level is
+    ``(b_j + n_j / 2) / M``: exactly `transport_exact`'s level for a cell that holds one value or
+    one atom (equal values). One histogram per row; non-finite values are left out.
+
+    Knot range (docs/method.md § Grid mode, knot placement): the range starts as the finite
+    minimum and maximum. With ``robust``, a row whose range is more than twice as wide as
+    ``[q_p - k·w - step, q_{1-p} + k·w + step]`` (``q`` the histogram's quantiles at levels ``p``
+    = `OUTLIER_LEVEL` and ``1 - p``, ``w = q_{1-p} - q_p``, ``k`` = `OUTLIER_MARGIN`) is narrowed
+    to that interval and histogrammed again, at most `REFINEMENTS` times. Values outside the final
+    range (at most a share ``p`` on each side) share their end node's level. Without outliers the
+    range never narrows (a Gaussian sample would need a value beyond 8 standard deviations), so
+    the result is the plain min–max histogram; one sample scaled by 10⁴ in a batch no longer
+    squeezes every other sample into one cell.
+
+    Args:
+        values: ``C×M`` values per channel (all of a batch's, or a random subsample).
+        size: nodes ``B >= 2`` per channel.
+        robust: narrow the range around the bulk of the values as above.
+
+    Returns:
+        ``(lo, step, level)``: ``C``, ``C`` and ``C×B`` float32; an all-equal row gets step 1, and
+        a row without a finite value gets ``lo = 0`` and NaN levels.
+    """
+    _check_matrix(values, "values")
+    if size < 2:
+        raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
+    v = values.float()
+    finite = torch.isfinite(v)
+    count = finite.sum(dim=1)
+    if bool(count.min() == v.shape[1]):
+        lo, hi = v.aminmax(dim=1)
+    else:
+        lo = v.masked_fill(~finite, float("inf")).amin(dim=1)
+        hi = v.masked_fill(~finite, float("-inf")).amax(dim=1)
+        empty = count == 0
+        lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
+    step, level = _histogram(v, finite, count, lo, hi, size)
+    for _ in range(REFINEMENTS if robust else 0):
+        t = torch.tensor([OUTLIER_LEVEL, 1 - OUTLIER_LEVEL], device=v.device).expand(v.shape[0], 2)
+        q = _invert_levels(lo, step, level.nan_to_num(0.0), t)
+        margin = OUTLIER_MARGIN * (q[:, 1] - q[:, 0]) + step
+        new_lo = torch.maximum(lo, q[:, 0] - margin)
+        new_hi = torch.minimum(hi, q[:, 1] + margin)
+        narrow = (new_hi - new_lo) * 2 < hi - lo
+        if not bool(narrow.any()):
+            break
+        lo, hi = torch.where(narrow, new_lo, lo), torch.where(narrow, new_hi, hi)
+        step, level = _histogram(v, finite, count, lo, hi, size)
     return lo, step, level
+
+
+def _invert_levels(lo: Tensor, step: Tensor, level: Tensor, t: Tensor) -> Tensor:
+    """Values at levels ``t`` (``C×L``) of the piecewise-linear CDF through ``(lo + j·step, level_j)``."""
+    b = level.shape[1]
+    hi = torch.searchsorted(level.contiguous(), t.contiguous()).clamp_(1, b - 1)
+    lo_idx = hi - 1
+    l0, l1 = level.gather(1, lo_idx), level.gather(1, hi)
+    frac = ((t - l0) / (l1 - l0).clamp_min(1e-12)).clamp_(0, 1)
+    return lo.unsqueeze(1) + (lo_idx + frac) * step.unsqueeze(1)
 
 
 def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
@@ -333,7 +443,8 @@ def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
         The `Lut` (``C×B`` table, or ``B·C`` rows).
     """
     lo, step, level = histogram_levels(values, size)
-    return Lut(interp_quantiles(q_ref, level), lo, step)
+    # a row without finite values has NaN levels; its table is never read (all pass through)
+    return Lut(interp_quantiles(q_ref, level.nan_to_num(0.5)), lo, step)
 
 
 def histogram_quantiles(lo: Tensor, step: Tensor, level: Tensor, levels: int) -> Tensor:
@@ -348,15 +459,12 @@ def histogram_quantiles(lo: Tensor, step: Tensor, level: Tensor, levels: int) ->
         levels: ``K >= 2`` evenly spaced output levels, endpoints included.
 
     Returns:
-        ``C×K`` float32 table, non-decreasing along each row.
+        ``C×K`` float32 table, non-decreasing along each row (NaN for a row whose levels are NaN:
+        no finite value).
     """
-    c, b = level.shape
-    t = torch.linspace(0, 1, levels, device=level.device).expand(c, -1).contiguous()
-    hi = torch.searchsorted(level.contiguous(), t).clamp_(1, b - 1)
-    lo_idx = hi - 1
-    l0, l1 = level.gather(1, lo_idx), level.gather(1, hi)
-    frac = ((t - l0) / (l1 - l0).clamp_min(1e-12)).clamp_(0, 1)
-    return lo.unsqueeze(1) + (lo_idx + frac) * step.unsqueeze(1)
+    t = torch.linspace(0, 1, levels, device=level.device).expand(level.shape[0], -1)
+    q = _invert_levels(lo, step, level.nan_to_num(0.0), t)
+    return q.masked_fill(level[:, :1].isnan(), float("nan"))
 
 
 def lut_from_quantiles(q_test: Tensor, q_ref: Tensor, lo: Tensor, step: Tensor, size: int) -> Lut:
@@ -420,7 +528,7 @@ def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = 
         grid: optional buffer from `lut_grid` for this shape and axis, reused across calls.
 
     Returns:
-        The mapped activation, shape and dtype of ``x``.
+        The mapped activation, shape and dtype of ``x``; non-finite values pass through.
     """
     axis = channel_axis % x.dim()
     c, b = lut.table.shape
@@ -440,8 +548,12 @@ def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = 
         raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(*x.shape, 2)}: "
                          "make it with lut_grid(x.shape, channel_axis)")
     with torch.no_grad():
-        torch.addcmul(shift, x.detach(), scale, out=grid[..., 0])
+        coord = grid[..., 0]
+        torch.addcmul(shift, x.detach(), scale, out=coord)
+        nonfinite = not all_finite(x.detach())
+        if nonfinite:
+            coord.nan_to_num_(0.0, 0.0, 0.0)
         out = torch.nn.functional.grid_sample(
             table.view(1, 1, rows, b), grid.view(1, -1, x.shape[-1], 2), mode="nearest",
-            padding_mode="border", align_corners=True)
-    return out.view(x.shape).to(x.dtype)
+            padding_mode="border", align_corners=True).view(x.shape).to(x.dtype)
+    return torch.where(torch.isfinite(x), out, x) if nonfinite else out

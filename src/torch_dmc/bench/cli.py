@@ -4,6 +4,10 @@
 
     add_bench_arguments(subparsers.add_parser("bench"))   # then run_bench(args) -> exit code
     add_tune_arguments(subparsers.add_parser("tune"))     # then run_tune(args) -> exit code
+
+Both check every flag and input file before any heavy work; a user error is one line on stderr
+and exit code 2 (see :func:`torch_dmc.cli.run_command`), and a failed run removes the output it
+created. Without ``--out`` they write under ``runs/`` (ignored by git), never into ``results/``.
 """
 
 from __future__ import annotations
@@ -16,12 +20,26 @@ from pathlib import Path
 
 import torch
 
+from .. import methods as methods_mod
+from ..cli import check_int_flags, check_out, new_outputs, require_path, run_command
 from ..data import corruptions
 from . import provenance
 from .protocol import DEFAULT_METHODS, QUICK_CORRUPTIONS, Protocol, parse_int_list, parse_name_list
 from .streams import IID, parse_stream_list, stream_name
 
 __all__ = ["add_bench_arguments", "run_bench", "add_tune_arguments", "run_tune"]
+
+#: Where ``dmc bench`` and ``dmc tune`` write without ``--out`` (``/runs/`` is in .gitignore).
+RUNS_DIR = Path("runs")
+
+#: The least valid value of each integer flag (``--n-test`` → ``n_test``).
+BENCH_MINIMUMS = {"n_test": 1, "fit_images": 1, "fit_levels": 2, "gen_seed": 0, "workers": 1,
+                  "jobs": 1, "threads": 1}
+TUNE_MINIMUMS = {"n_test": 1, "batch_size": 1, "seed": 0, "fit_images": 1, "fit_levels": 2,
+                 "gen_seed": 0, "workers": 1, "threads": 1}
+
+_DATA_NPZ = "an .npz with arrays x_train, y_train, x_test, y_test (uint8 images, integer labels)"
+_STATS_FILE = "a .safetensors stats file written by `dmc fit` or `dmc tune`"
 
 #: ``--quick``: what it sets (explicit flags still win).
 QUICK = {
@@ -72,7 +90,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``dmc bench`` flags to ``parser``."""
     parser.description = (
-        "Benchmark test-time methods on corrupted test images (DESIGN §3): every method × "
+        "Benchmark test-time methods on corrupted test images (docs/protocol.md): every method × "
         "corruption × severity × batch size × seed × stream is one cell of results.csv. Episodic by "
         "default (a fresh method per cell)."
     )
@@ -133,7 +151,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         metavar="DIR",
         default=None,
-        help="results folder (default: results/bench-<date>-<time>)",
+        help="results folder (default: runs/bench-<date>-<time>; a failed run that wrote no "
+        "result leaves no folder)",
     )
     parser.add_argument(
         "--quick",
@@ -189,9 +208,37 @@ def _set_threads(args) -> None:
         torch.set_num_threads(int(args.threads))
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def _timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def check_methods(names: list[str], flag: str) -> None:
+    """Raise ``ValueError`` naming ``flag`` if a name is not a registered method."""
+    known = methods_mod.available()
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"{flag}: unknown method(s) {', '.join(unknown)}; expected some of: {', '.join(known)}."
+        )
+
+
+def _corruptions(spec: str, flag: str = "--corruptions") -> list[str]:
+    """The corruption names of ``spec``, or ``ValueError`` naming ``flag``."""
+    try:
+        return corruptions.resolve_corruptions(spec)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    """The numbers of a comma list, or ``ValueError`` naming ``flag``."""
+    out = []
+    for token in parse_name_list(text):
+        try:
+            out.append(float(token))
+        except ValueError:
+            raise ValueError(f"{flag}: cannot read {token!r}; expected numbers, e.g. 0.5,1.0.") from None
+    return out
 
 
 def bench_streams(args) -> list[str]:
@@ -244,16 +291,18 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
                 )
             options.update(cfg["methods"])
         method_config = {"methods": options, "files": configs, "paths": files}
+    names = parse_name_list(args.methods)
+    check_methods(names, "--methods")
     protocol = Protocol(
-        methods=parse_name_list(args.methods),
-        corruptions=corruptions.resolve_corruptions(pick("corruptions", "common")),
-        severities=parse_int_list(pick("severities", "1-5"), "--severities"),
-        batch_sizes=parse_int_list(str(args.batch_size), "--batch-size"),
-        seeds=parse_int_list(str(args.seeds), "--seeds"),
+        methods=names,
+        corruptions=_corruptions(pick("corruptions", "common")),
+        severities=parse_int_list(pick("severities", "1-5"), "--severities", low=1, high=5),
+        batch_sizes=parse_int_list(str(args.batch_size), "--batch-size", low=1),
+        seeds=parse_int_list(str(args.seeds), "--seeds", low=0),
         streams=bench_streams(args),
         all_seeds_at=None
         if args.all_seeds_at is None
-        else parse_int_list(args.all_seeds_at, "--all-seeds-at"),
+        else parse_int_list(args.all_seeds_at, "--all-seeds-at", low=0, high=5),
         n_test=pick("n_test", None),
         continual=bool(args.continual),
         gen_seed=int(args.gen_seed),
@@ -267,18 +316,39 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
     return protocol, method_config
 
 
-def run_bench(args) -> int:
-    """``dmc bench``: run the benchmark the flags describe; returns the exit code."""
+def run_bench(args: argparse.Namespace, command: str = "bench") -> int:
+    """``dmc bench``: run the benchmark the flags describe; returns the exit code.
+
+    A user error is one line ``dmc <command>: error: ...`` on stderr and exit code 2 (with
+    ``args.debug``: raised). A results folder that this call created is removed if the run fails
+    before it holds a result.
+    """
+    return run_command(command, _bench, args)
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether ``out`` has finished cells (``--resume`` continues it); ``True`` if unsure."""
+    from .metrics import read_results
+
+    try:
+        return bool(read_results(out / "results.csv"))
+    except Exception:  # an unreadable results.csv is kept for the user to look at
+        return True
+
+
+def _bench(args: argparse.Namespace) -> int:
     from .runner import resolve_data, resolve_model, run_benchmark
 
-    _set_threads(args)
-    try:
-        protocol, method_config = bench_protocol(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        return _fail(str(err))
+    check_int_flags(args, BENCH_MINIMUMS)
+    protocol, method_config = bench_protocol(args)
     if args.resume and not args.out:
-        return _fail("--resume needs --out DIR, the folder to continue.")
-    out = Path(args.out) if args.out else Path("results") / datetime.now().strftime("bench-%Y%m%d-%H%M%S")
+        raise ValueError("--resume needs --out DIR, the folder to continue.")
+    if args.stats is not None:
+        require_path(args.stats, "--stats", _STATS_FILE)
+    if args.data is not None:
+        require_path(args.data, "--data", _DATA_NPZ)
+    out = check_out(args.out or RUNS_DIR / f"bench-{_timestamp()}", folder=True)
+    _set_threads(args)
     extra = None
     if method_config is not None:
         described = []
@@ -302,9 +372,9 @@ def run_bench(args) -> int:
                         file=sys.stderr,
                     )
         extra = {"method_config": described[0] if len(described) == 1 else described}
-    try:
-        data = resolve_data(protocol.data)
-        model = resolve_model(protocol.model)
+    model = resolve_model(protocol.model)
+    data = resolve_data(protocol.data)
+    with new_outputs(out, keep=lambda: _holds_results(out)):
         config = run_benchmark(
             protocol,
             out,
@@ -320,8 +390,6 @@ def run_bench(args) -> int:
             channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
             extra_config=extra,
         )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as err:
-        return _fail(str(err).strip("'\""))
     described = config.get("method_config") or []
     for entry in described if isinstance(described, list) else [described]:
         tuned_sum = entry.get("stats_checksum")
@@ -423,8 +491,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="FILE.json",
-        default="results/dmc-tune.json",
-        help="where the choice goes (default results/dmc-tune.json)",
+        default=None,
+        help="where the choice goes (default: runs/dmc-tune-<date>-<time>.json; a failed run "
+        "leaves neither it nor the stats it fitted)",
     )
 
 
@@ -439,12 +508,16 @@ def _bools(text: str) -> list[bool]:
 
 
 def tune_setup(args):
-    """The :class:`TuneProtocol` and :class:`TuneGrid` the flags describe."""
+    """The :class:`TuneProtocol` and :class:`TuneGrid` the flags describe.
+
+    Raises:
+        ValueError, FileNotFoundError: a bad flag value or ``--grid`` file, naming the flag.
+    """
     from .tune import TuneGrid, TuneProtocol
 
     protocol = TuneProtocol(
-        corruptions=corruptions.resolve_corruptions(args.corruptions),
-        severities=parse_int_list(args.severities, "--severities"),
+        corruptions=_corruptions(args.corruptions),
+        severities=parse_int_list(args.severities, "--severities", low=1, high=5),
         n_test=int(args.n_test),
         batch_size=int(args.batch_size),
         seed=int(args.seed),
@@ -455,47 +528,73 @@ def tune_setup(args):
         data=None if args.data is None else str(args.data),
     )
     if args.grid:
+        path = require_path(args.grid, "--grid", "a JSON file with the grid (see --help)")
         try:
-            grid = TuneGrid.from_dict(json.loads(Path(args.grid).read_text()))
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"--grid {args.grid}: cannot read it as JSON ({err}).") from err
+            content = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"--grid {path}: cannot read it as JSON ({err}).") from err
+        if not isinstance(content, dict):
+            raise ValueError(
+                f"--grid {path}: expected a JSON object such as "
+                f'{{"strengths": [0.5, 1.0]}}; found {type(content).__name__}.'
+            )
+        try:
+            grid = TuneGrid.from_dict(content)
+        except ValueError as err:
+            raise ValueError(f"--grid {path}: {err}") from None
     else:
         grid = TuneGrid(
             site_sets=parse_name_list(args.site_sets),
-            strengths=[float(v) for v in parse_name_list(args.strengths)],
+            strengths=_floats(args.strengths, "--strengths"),
             modes=parse_name_list(args.modes),
             adapt_bn=_bools(args.adapt_bn),
             method=args.method,
-            priors=[float(v) for v in parse_name_list(args.priors)],
-            momenta=[float(v) for v in parse_name_list(args.momenta)],
+            priors=_floats(args.priors, "--priors"),
+            momenta=_floats(args.momenta, "--momenta"),
         )
     return protocol, grid
 
 
-def run_tune(args) -> int:
-    """``dmc tune``: evaluate the grid on validation corruptions, write the choice; exit code."""
-    from .runner import check_model_fits, resolve_data, resolve_model
-    from .tune import tune
+def run_tune(args: argparse.Namespace, command: str = "tune") -> int:
+    """``dmc tune``: evaluate the grid on validation corruptions, write the choice; exit code.
 
+    A user error is one line ``dmc <command>: error: ...`` on stderr and exit code 2 (with
+    ``args.debug``: raised). If the run fails, the choice file, the stats it fitted next to it and
+    the folders this call created are removed.
+    """
+    return run_command(command, _tune, args)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .runner import check_model_fits, resolve_data, resolve_model
+    from .tune import default_stats_path, tune
+
+    check_int_flags(args, TUNE_MINIMUMS)
+    protocol, grid = tune_setup(args)
+    baselines = parse_name_list(args.baselines)
+    check_methods(baselines, "--baselines")
+    if args.data is not None:
+        require_path(args.data, "--data", _DATA_NPZ)
+    if args.stats is not None:
+        check_out(args.stats, folder=False, flag="--stats")
+    out = check_out(args.out or RUNS_DIR / f"dmc-tune-{_timestamp()}.json", folder=False)
     _set_threads(args)
-    try:
-        protocol, grid = tune_setup(args)
-        data = resolve_data(protocol.data)
-        resolved = resolve_model(protocol.model)
-        check_model_fits(resolved.model, data)
+    resolved = resolve_model(protocol.model)
+    data = resolve_data(protocol.data)
+    check_model_fits(resolved.model, data)
+    outputs = [out] if args.stats is not None else [out, default_stats_path(out)]
+    with new_outputs(*outputs):
         tune(
             protocol,
             grid,
-            args.out,
+            out,
             model=resolved.model,
             data=data,
             model_files=resolved.files,
-            baselines=parse_name_list(args.baselines),
+            baselines=baselines,
             stats_path=args.stats,
             cache_dir=args.cache,
             workers=int(args.workers),
             progress=not args.no_progress,
         )
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as err:
-        return _fail(str(err).strip("'\""))
     return 0

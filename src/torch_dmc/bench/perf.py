@@ -1,4 +1,6 @@
-"""``dmc perf`` / ``benchmarks/perf.py``: speed and memory of correction, as ratios (DESIGN §5).
+"""``dmc perf`` / ``benchmarks/perf.py``: speed and memory of correction, as ratios.
+
+How and what it measures: docs/protocol.md § Speed and memory.
 
 Every ratio is measured side by side in one process: the plain forward of the same model on the
 same batch and each method's forward run in interleaved repetitions; the median ratio is reported

@@ -95,38 +95,61 @@ class Unit:
         ]
 
 
-def parse_int_list(text: str | int | Sequence[int], what: str) -> list[int]:
+def parse_int_list(
+    text: str | int | Sequence[int], what: str, *, low: int | None = None, high: int | None = None
+) -> list[int]:
     """Parse ``"1-5"``, ``"3,5"``, ``"0,2-3"`` or a list of ints into a list (order kept).
 
+    Args:
+        text: the flag's value.
+        what: the flag, for messages (e.g. ``"--severities"``).
+        low, high: the least and greatest valid value (``None``: no bound).
+
     Raises:
-        ValueError: a token that is not an integer or range, naming ``what``.
+        ValueError: a token that is not an integer or range, or a value out of bounds, naming
+            ``what`` and saying what is expected.
     """
     if isinstance(text, int):
-        return [text]
-    if not isinstance(text, str):
-        return [int(v) for v in text]
-    out: list[int] = []
-    for token in text.split(","):
-        token = token.strip()
-        if not token:
-            continue
-        try:
-            if "-" in token:
-                lo, hi = token.split("-", 1)
-                values = list(range(int(lo), int(hi) + 1))
-            else:
-                values = [int(token)]
-        except ValueError:
-            raise ValueError(
-                f"{what}: cannot read {token!r}; expected non-negative integers or ranges like "
-                f"'1-5' or '3,5'."
-            ) from None
-        if not values:
-            raise ValueError(f"{what}: empty range {token!r}; write it low-high, e.g. '1-5'.")
-        out.extend(v for v in values if v not in out)
-    if not out:
-        raise ValueError(f"{what}: no value given in {text!r}; expected e.g. '1-5' or '3,5'.")
+        out = [text]
+    elif not isinstance(text, str):
+        out = [int(v) for v in text]
+    else:
+        out = []
+        for token in text.split(","):
+            token = token.strip()
+            if not token:
+                continue
+            try:
+                if "-" in token:
+                    lo, hi = token.split("-", 1)
+                    values = list(range(int(lo), int(hi) + 1))
+                else:
+                    values = [int(token)]
+            except ValueError:
+                raise ValueError(
+                    f"{what}: cannot read {token!r}; expected non-negative integers or ranges like "
+                    f"'1-5' or '3,5'."
+                ) from None
+            if not values:
+                raise ValueError(f"{what}: empty range {token!r}; write it low-high, e.g. '1-5'.")
+            out.extend(v for v in values if v not in out)
+        if not out:
+            raise ValueError(f"{what}: no value given in {text!r}; expected e.g. '1-5' or '3,5'.")
+    bad = [v for v in out if (low is not None and v < low) or (high is not None and v > high)]
+    if bad:
+        raise ValueError(
+            f"{what}: {', '.join(map(str, bad))} out of range; expected {_int_range(low, high)}."
+        )
     return out
+
+
+def _int_range(low: int | None, high: int | None) -> str:
+    """``"integers in 1..5"``, ``"positive integers"``, ... for messages."""
+    if low is not None and high is not None:
+        return f"integers in {low}..{high}"
+    if high is not None:
+        return f"integers of at most {high}"
+    return {0: "non-negative integers", 1: "positive integers"}.get(low, f"integers of at least {low}")
 
 
 def parse_name_list(text: str | Sequence[str]) -> list[str]:

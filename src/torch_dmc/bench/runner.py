@@ -26,7 +26,6 @@ import os
 import shlex
 import tempfile
 import time
-import zipfile
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch import nn
 
 from .. import methods as methods_mod
 from ..data import arrays, corruptions
-from ..dmc import _model_device
+from ..sites import model_device as _model_device
 from . import provenance
 from .metrics import COLUMNS, TIMING_COLUMNS, ResultsWriter, done_cells, error_percent, read_results
 from .protocol import CLEAN, Protocol, Unit, pending
@@ -126,28 +125,17 @@ def resolve_model(path: str | os.PathLike | None) -> ResolvedModel:
 
 
 def resolve_data(path: str | os.PathLike | None) -> arrays.ImageData:
-    """``.npz`` data (``x_train, y_train, x_test, y_test``) or, by default, Fashion-MNIST."""
+    """``.npz`` data (``x_train, y_train, x_test, y_test``) or, by default, Fashion-MNIST.
+
+    Raises:
+        FileNotFoundError, KeyError, TypeError, ValueError: as :func:`~torch_dmc.data.load_npz`:
+            the message names the file, what is wrong and what is expected.
+    """
     if path is None:
         from ..data import fashion_mnist
 
         return fashion_mnist.load_fashion_mnist()
-    path = Path(path)
-    try:
-        return arrays.load_npz(path)
-    except FileNotFoundError:
-        raise
-    except (zipfile.BadZipFile, EOFError, OSError) as err:
-        raise ValueError(
-            f"--data {path}: not a readable .npz file ({type(err).__name__}: {err}); expected "
-            f"np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)."
-        ) from err
-    except ValueError as err:
-        if "pickle" in str(err):  # numpy's message for a file that is not an .npz/.npy at all
-            raise ValueError(
-                f"--data {path}: not an .npz file (numpy: {err}); expected np.savez(path, "
-                f"x_train=..., y_train=..., x_test=..., y_test=...)."
-            ) from err
-        raise
+    return arrays.load_npz(path)
 
 
 def _array_digest(*xs: np.ndarray) -> str:
@@ -158,9 +146,16 @@ def _array_digest(*xs: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def check_model_fits(model: nn.Module, data: arrays.ImageData) -> None:
-    """Raise ``ValueError`` if the model cannot take the data's images or labels."""
-    x = arrays.to_tensor(data.x_test[:2])
+def check_model_fits(model: nn.Module, data: arrays.ImageData | np.ndarray) -> None:
+    """Raise ``ValueError`` if the model cannot take the data's images or labels.
+
+    Args:
+        model: the classifier.
+        data: a data set (its first test images go through the model, and the logits must cover
+            its classes), or ``uint8`` images alone (only that the model takes them is checked).
+    """
+    images = data if isinstance(data, np.ndarray) else data.x_test
+    x = arrays.to_tensor(images[:2])
     try:
         with torch.inference_mode():
             logits = model(x)
@@ -169,6 +164,8 @@ def check_model_fits(model: nn.Module, data: arrays.ImageData) -> None:
             f"the model cannot take the data's images (tensor {tuple(x.shape)}): {err}. Was it "
             f"trained on this data set (--model / --data)?"
         ) from err
+    if isinstance(data, np.ndarray):
+        return
     if logits.dim() != 2 or logits.shape[1] < data.num_classes:
         raise ValueError(
             f"the model returns logits of shape {tuple(logits.shape)} but the data has "

@@ -37,6 +37,7 @@ __all__ = [
     "TuneProtocol",
     "resolve_site_set",
     "candidates",
+    "default_stats_path",
     "tune",
     "load_method_config",
 ]
@@ -247,6 +248,13 @@ def candidates(grid: TuneGrid, sites: Sequence[str]) -> list[dict[str, Any]]:
     return out
 
 
+def default_stats_path(out: str | Path) -> Path:
+    """Where :func:`tune` saves the stats it fits when given no ``stats_path``: next to ``out``,
+    ``<out without .json>.stats.safetensors``."""
+    out = Path(out)
+    return out.with_name(out.stem + ".stats.safetensors")
+
+
 def tune(
     protocol: TuneProtocol,
     grid: TuneGrid,
@@ -272,7 +280,7 @@ def tune(
         model: the classifier; data: the data set.
         model_files: file name → SHA-256 of the model's files (provenance).
         stats_path: reference statistics to load if the file exists; otherwise they are fitted and
-            saved there. Default: ``<out without .json>.stats.safetensors`` (always refitted).
+            saved there. Default: :func:`default_stats_path` (always refitted).
         cache_dir, workers, progress: as for ``dmc bench``.
         command: the command line to record.
         baselines: methods also evaluated on the same cells, for reference (not candidates).
@@ -290,8 +298,7 @@ def tune(
     out = Path(out)
     bench_protocol = protocol.as_bench()
     model.eval()
-    default_stats = out.with_name(out.stem + ".stats.safetensors")
-    spath = Path(stats_path) if stats_path is not None else default_stats
+    spath = Path(stats_path) if stats_path is not None else default_stats_path(out)
     stats = obtain_stats(
         model, data, bench_protocol, spath, reuse=stats_path is not None, progress=progress, log=log,
         per_sample=any(methods_mod.needs_per_sample(m) for m in (grid.method, *baselines)),

@@ -6,14 +6,17 @@ Images are kept as ``uint8`` numpy arrays (``N×H×W`` grey or ``N×H×W×C`` ch
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["ImageData", "load_npz", "to_tensor", "batches", "Batches", "shuffled_order"]
+__all__ = ["ImageData", "load_npz", "load_npz_images", "to_tensor", "batches", "Batches", "shuffled_order"]
 
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -124,12 +127,67 @@ def _check_labels(name: str, y: np.ndarray, n_images: int, source: str) -> np.nd
     return y.astype(np.int64)
 
 
+_DATA_NPZ = (
+    "an .npz with arrays x_train, y_train, x_test, y_test, saved with np.savez(path, "
+    "x_train=..., y_train=..., x_test=..., y_test=...)"
+)
+
+
+@contextmanager
+def _open_npz(path: Path, expected: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """``np.load`` an ``.npz`` without pickle, as a context manager.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not an ``.npz`` archive; the message says ``expected``.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}: expected {expected}.")
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, EOFError, OSError) as err:
+        raise ValueError(
+            f"{path}: not a readable .npz file ({type(err).__name__}: {err}); expected {expected}."
+        ) from err
+    except ValueError as err:  # numpy: neither a zip archive nor an .npy array (so: pickle)
+        raise ValueError(f"{path}: not an .npz file (no zip archive); expected {expected}.") from err
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: holds one array (an .npy file), not an .npz archive; expected {expected}.")
+    with npz:
+        yield npz
+
+
+def _read_arrays(npz: np.lib.npyio.NpzFile, keys: tuple[str, ...], source: str, expected: str) -> dict:
+    """The arrays ``keys`` of an open ``.npz``.
+
+    Raises:
+        KeyError: an array is missing; the message lists the arrays expected and found.
+        TypeError: an array is stored as Python objects.
+        ValueError: an array cannot be read (a damaged file).
+    """
+    missing = [k for k in keys if k not in npz.files]
+    if missing:
+        found = ", ".join(sorted(npz.files)) or "none"
+        raise KeyError(
+            f"{source}: missing array(s) {', '.join(missing)} (found: {found}); expected {expected}."
+        )
+    try:
+        return {k: npz[k] for k in keys}
+    except ValueError as err:  # object arrays need pickle
+        raise TypeError(
+            f"{source}: an array is stored as Python objects ({err}); expected numeric arrays."
+        ) from err
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise ValueError(f"{source}: an array cannot be read ({type(err).__name__}: {err}).") from err
+
+
 def load_npz(path: str | Path) -> ImageData:
     """Load a data set from an ``.npz`` file with arrays ``x_train, y_train, x_test, y_test``.
 
     Images must be ``N×H×W`` or ``N×H×W×C`` (channels last) of ``uint8``; integer arrays with values
     in ``0..255`` are accepted and converted. Labels must be 1-D non-negative integers, one per image.
-    The file is read with ``allow_pickle=False``, so it cannot execute code.
+    The file is read with ``allow_pickle=False``, so it cannot execute code. :func:`load_npz_images`
+    reads one image array alone (``dmc fit`` needs only ``x_train``).
 
     Args:
         path: the ``.npz`` file.
@@ -139,29 +197,14 @@ def load_npz(path: str | Path) -> ImageData:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        KeyError: an array is missing.
-        TypeError, ValueError: an array has the wrong dtype, rank, length or values.
+        KeyError: an array is missing (the message lists the arrays found).
+        TypeError, ValueError: not an ``.npz`` file, or an array has the wrong dtype, rank, length
+            or values.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no data file at {path}: expected an .npz with arrays x_train, y_train, x_test, y_test."
-        )
     source = str(path)
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [k for k in _SPLITS if k not in npz.files]
-        if missing:
-            raise KeyError(
-                f"{source}: missing array(s) {missing}; expected {list(_SPLITS)}, found "
-                f"{sorted(npz.files)}. Save with np.savez(path, x_train=..., y_train=..., "
-                f"x_test=..., y_test=...)."
-            )
-        try:
-            arrays = {k: npz[k] for k in _SPLITS}
-        except ValueError as err:  # object arrays need pickle
-            raise TypeError(
-                f"{source}: an array is stored as Python objects ({err}); expected numeric arrays."
-            ) from err
+    with _open_npz(path, _DATA_NPZ) as npz:
+        arrays = _read_arrays(npz, _SPLITS, source, _DATA_NPZ)
     x_train = _check_images("x_train", arrays["x_train"], source)
     x_test = _check_images("x_test", arrays["x_test"], source)
     if x_train.shape[1:] != x_test.shape[1:]:
@@ -172,6 +215,29 @@ def load_npz(path: str | Path) -> ImageData:
     y_train = _check_labels("y_train", arrays["y_train"], len(x_train), source)
     y_test = _check_labels("y_test", arrays["y_test"], len(x_test), source)
     return ImageData(x_train, y_train, x_test, y_test, name=path.stem)
+
+
+def load_npz_images(path: str | Path, key: str = "x_train") -> np.ndarray:
+    """Load one image array of an ``.npz`` file; the file's other arrays are neither needed nor read.
+
+    Args:
+        path: the ``.npz`` file.
+        key: the array, e.g. ``"x_train"`` (what ``dmc fit`` needs).
+
+    Returns:
+        ``uint8`` images ``N×H×W`` or ``N×H×W×C``, checked as by :func:`load_npz`.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        KeyError: the file has no array ``key``.
+        TypeError, ValueError: not an ``.npz`` file, or the images have the wrong dtype, rank or
+            values.
+    """
+    path = Path(path)
+    expected = f"an .npz with array {key} (uint8 images N×H×W or N×H×W×C), e.g. np.savez(path, {key}=...)"
+    with _open_npz(path, expected) as npz:
+        x = _read_arrays(npz, (key,), str(path), expected)[key]
+    return _check_images(key, x, str(path))
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Reproducible common corruptions (ImageNet-C style) for small images, with an on-disk cache.
 
 The corruption functions come from ``imagecorruptions-imaug`` (``pip install torch-dmc[corruptions]``),
-imported only when first needed. Protocol (DESIGN §3), image by image:
+imported only when first needed. Protocol (docs/protocol.md § Corruptions), image by image:
 
 1. pad with constant 0 (black) to at least 32×32, the minimum size the corruption code supports
    (28×28 Fashion-MNIST: 2 px on each side; the images' own background is black, so the padding

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..dmc import DMC
+from ..correct import DMC
+from ..options import DMCOptions
 from .base import Method
 from .norm import BatchStatistics, configure_bn
-
-
-def _dmc_options() -> tuple[tuple[str, ...], dict[str, Any]]:
-    """Keyword options of ``torch_dmc.DMC`` and their defaults, read from its signature."""
-    params = list(inspect.signature(DMC.__init__).parameters.values())[1:]  # drop self
-    names = tuple(p.name for p in params if p.name not in ("model", "stats"))
-    defaults = {p.name: p.default for p in params
-                if p.name in names and p.default is not p.empty}
-    return names, defaults
 
 
 def _jsonable(value: Any) -> Any:
@@ -74,25 +65,24 @@ class DMCMethod(Method):
             )
         if not isinstance(adapt_bn, bool):
             raise ValueError(f"adapt_bn is expected to be True or False, got {adapt_bn!r}")
-        names, defaults = _dmc_options()
-        unknown = sorted(set(options) - set(names))
+        unknown = sorted(set(options) - set(DMCOptions.names()))
         if unknown:
             raise ValueError(
-                f"method 'dmc' got unknown option(s) {unknown}; its options are: "
-                f"{', '.join(('adapt_bn', *names))}"
+                f"method {self.name!r} got unknown option(s) {unknown}; its options are: "
+                f"{', '.join(self.valid_options())}"
             )
+        dmc_options = DMCOptions(**options)  # validated once, before the model is copied
         super().__init__(model)
         self.model.eval()
         if adapt_bn:
             configure_bn(self.model, BatchStatistics())
-        self.corrector = DMC(self.model, stats, **options)
-        resolved = {"adapt_bn": adapt_bn, **defaults, **options}
-        self._options = {k: _jsonable(v) for k, v in resolved.items()}
+        self.corrector = DMC(self.model, stats, dmc_options)
+        self._options = {k: _jsonable(v) for k, v in {"adapt_bn": adapt_bn, **dmc_options.as_dict()}.items()}
         self._save_initial_state()
 
     @classmethod
     def valid_options(cls) -> tuple[str, ...]:
-        return ("adapt_bn", *_dmc_options()[0])
+        return ("adapt_bn", *DMCOptions.names())
 
     def reset(self) -> None:
         """Restore the model's initial state and restart the corrector's random sampling."""
