@@ -159,6 +159,8 @@ def _cases(t):
         "tune workers 0": (["tune", "--data", good, "--workers", "0"], "--workers"),
         "demo workers 0": (["demo", "--workers", "0", "--out", str(t / "demo")], "--workers"),
         "bench threads 0": (["bench", "--data", good, "--threads", "0"], "--threads"),
+        "bench unknown device": (["bench", "--data", good, "--device", "nodevice"],
+                                 "--device nodevice: not usable here"),
         "train epochs 0": (["train", "--epochs", "0", "--out", str(t / "m")], "--epochs"),
         "tune bad strength": (["tune", "--data", good, "--strengths", "0.5,x"],
                               "--strengths: cannot read 'x'"),

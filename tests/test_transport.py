@@ -242,3 +242,43 @@ def test_bad_shapes_are_explained():
         transport_exact(torch.zeros(3, 5), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="at least 2 nodes"):
         lut_from_sample(torch.zeros(1, 5), torch.zeros(1, 4), 1)
+
+
+# --- grid mode's knot range under outliers (docs/method.md § Knot placement) -------------------
+
+@settings(max_examples=15)
+@given(st.integers(0, 10_000), st.floats(0.01, 100), st.floats(-100, 100))
+def test_robust_range_changes_nothing_without_outliers(seed, scale, shift):
+    from torch_dmc.transport import histogram_levels
+
+    x = torch.randn(3, 2000, generator=torch.Generator().manual_seed(seed)) * scale + shift
+    for a, b in zip(histogram_levels(x, 257), histogram_levels(x, 257, robust=False), strict=True):
+        assert torch.equal(a, b)
+
+
+@settings(max_examples=20)
+@given(st.integers(0, 10_000), st.sampled_from([1e2, 1e4, 1e8]), st.floats(0.1, 10),
+       st.floats(-5, 5))
+def test_grid_with_an_outlier_sample_is_monotone_close_to_exact_and_affine_invariant(
+        seed, factor, scale, shift):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(32, 2, 50, generator=g)
+    x[0] *= factor  # one sample of 32 far off
+    rows = x.transpose(0, 1).reshape(2, -1)
+    q = normal_table(2)
+    y = apply_lut(rows.unsqueeze(0), lut_from_sample(rows, q, 1024), channel_axis=1)[0]
+    exact = transport_exact(rows, q)
+    # monotone per channel
+    for c in range(2):
+        order = rows[c].argsort()
+        assert torch.all(y[c, order][1:] >= y[c, order][:-1])
+    # the other samples stay close to exact mode (in units of the reference's spread, 1 + c)
+    others = torch.ones(32, 50, dtype=torch.bool)
+    others[0] = False
+    others = others.flatten().repeat(2).view(2, -1)
+    spread = torch.tensor([[1.0], [2.0]])
+    assert ((y - exact).abs() / spread)[others].max() < 0.15
+    # an increasing affine change of the values leaves the map's output (nearly) unchanged
+    moved = rows * scale + shift
+    y2 = apply_lut(moved.unsqueeze(0), lut_from_sample(moved, q, 1024), channel_axis=1)[0]
+    assert ((y2 - y).abs() / spread)[others].max() < 0.05

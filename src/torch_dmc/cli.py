@@ -45,7 +45,6 @@ DEMO_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "defocus_blur", "fog", "c
 #: ``FileExistsError``, ``PermissionError``, ...). Anything else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError)
 
-_DATA_NPZ = "an .npz with arrays x_train, y_train, x_test, y_test (uint8 images, integer labels)"
 _MODEL_DIR = "a model folder written by `dmc train`"
 
 
@@ -241,11 +240,12 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from .data.arrays import NPZ_EXPECTED
     from .models.training import train_main
 
     check_int_flags(args, {"epochs": 1, "seed": 0})
     if args.data is not None:
-        require_path(args.data, "--data", _DATA_NPZ)
+        require_path(args.data, "--data", NPZ_EXPECTED)
     check_out(args.out, folder=True)
     kwargs = {"seed": args.seed}
     if args.epochs is not None:
@@ -270,6 +270,9 @@ def _add_fit(sub) -> None:
     p.add_argument("--levels", type=int, default=1024)
     p.add_argument("--sites", default="norm", help="'norm' or comma-separated name patterns")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="leave samples with a NaN/Inf activation out of a site's reference (counted "
+                   "per site in the stats' info) instead of refusing them")
     p.add_argument("--per-sample", action="store_true",
                    help="also fit the reference of the per-sample estimate (dmc-per-sample); "
                    "doubles the fit's cost and the file's size")
@@ -305,7 +308,8 @@ def _run_fit(args) -> int:
         x = x[idx[: args.images].sort().values.numpy()]
     sites = "norm" if args.sites == "norm" else args.sites.split(",")
     stats = fit(model, batches(to_tensor(x), None, args.batch_size), sites=sites,
-                levels=args.levels, seed=args.seed, per_sample=args.per_sample)
+                levels=args.levels, seed=args.seed, per_sample=args.per_sample,
+                skip_nonfinite=args.skip_nonfinite)
     with new_outputs(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:

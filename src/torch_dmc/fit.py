@@ -17,10 +17,12 @@ from tqdm.auto import tqdm
 from ._version import __version__
 from .sites import (
     SiteSpec,
+    channel_axis_for,
+    channel_axis_overrides,
     check_channel_axis,
+    check_declared_channels,
     model_device,
     register_output_hooks,
-    resolve_channel_axes,
     select_sites,
     site_fingerprint,
 )
@@ -71,7 +73,9 @@ class SiteObserver:
 
     Args:
         name: the site's module name (for messages).
-        channel_axis: the axis of the site's output that holds the channels.
+        module: the site's module: its declared channel count is checked against the output.
+        channel_axis: the axis of the site's output that holds the channels (``None``: decided
+            from the module and the first output by `torch_dmc.sites.channel_axis_for`).
         levels: ``K`` of the per-sample tables.
         capacity, samples_per_batch: of the `torch_dmc.sketch.QuantileSketch`.
         generator: random source of the sketch's sampling.
@@ -83,11 +87,13 @@ class SiteObserver:
             refusing them.
     """
 
-    def __init__(self, name: str, channel_axis: int, *, levels: int, capacity: int,
+    def __init__(self, name: str, module: nn.Module, channel_axis: int | None, *, levels: int,
+                 capacity: int,
                  samples_per_batch: int | None, generator: torch.Generator, per_sample: bool,
                  per_sample_images: int | None, sample_generator: torch.Generator,
                  skip_nonfinite: bool = False):
         self.name = name
+        self.module = module
         self.channel_axis = channel_axis
         self.levels = levels
         self.capacity = capacity
@@ -107,9 +113,15 @@ class SiteObserver:
         """Record one batch's output of the site (never kept as a view: in-place ops are safe).
 
         Raises:
-            ValueError: the channel axis is out of range, the channel count changed, or the
-                output has non-finite values (unless ``skip_nonfinite``).
+            ValueError: the channel axis is out of range, ambiguous or not the module's declared
+                channel count, the channel count changed, or the output has non-finite values
+                (unless ``skip_nonfinite``).
         """
+        if self.sketch is None:  # the first output decides the axis, once
+            self.channel_axis = channel_axis_for(self.module, output.shape, self.channel_axis,
+                                                 self.name)
+            check_declared_channels(self.name, self.module, output,
+                                    check_channel_axis(self.name, output, self.channel_axis))
         axis = check_channel_axis(self.name, output, self.channel_axis)
         output = output.detach()
         if output.numel() == 0:
@@ -225,8 +237,10 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
         max_batches: stop after this many batches.
         device: where batches are sent (default: the model's device).
         progress: show a progress bar.
-        channel_axes: channel axis for all sites (int) or per fnmatch pattern (dict); default 1,
-            and -1 for LayerNorm.
+        channel_axes: channel axis for all sites (int) or per fnmatch pattern (dict); by default
+            decided per site from the module and its output (`torch_dmc.sites.channel_axis_for`:
+            -1 for LayerNorm/RMSNorm, the axis of size ``C`` for LayerNorm2d-style modules, else 1).
+            Every site's channel count is checked against the one its module declares.
         samples_per_batch: values drawn per channel from each batch (``None``: all values).
         capacity: points per channel per sketch summary (sets the compression error).
         seed: seed of the random sampling.
@@ -254,12 +268,13 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
     """
     _check_fit_arguments(levels, samples_per_batch, capacity, per_sample_images, max_batches)
     names = select_sites(model, sites)
-    axes = resolve_channel_axes(model, names, channel_axes)
+    overrides = channel_axis_overrides(names, channel_axes)
+    modules = dict(model.named_modules())
     device = torch.device(device) if device is not None else model_device(model)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     sample_generator = torch.Generator(device="cpu").manual_seed(seed + 1)
     observers = {
-        n: SiteObserver(n, axes[n], levels=levels, capacity=capacity,
+        n: SiteObserver(n, modules[n], overrides[n], levels=levels, capacity=capacity,
                         samples_per_batch=samples_per_batch, generator=generator,
                         per_sample=per_sample, per_sample_images=per_sample_images,
                         sample_generator=sample_generator, skip_nonfinite=skip_nonfinite)
@@ -298,7 +313,6 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
                          f"{'held only empty batches' if empty else 'is empty'}")
     tables = {n: observers[n].finalize(levels) for n in names}
     channels = {n: t[0].shape[0] for n, t in tables.items()}
-    modules = dict(model.named_modules())
     info = {
         "torch_dmc_version": __version__,
         "images": images,
@@ -317,7 +331,7 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
                                      for n, o in observers.items() if o.skipped_values}
     return ReferenceStats(
         quantiles={n: t[0] for n, t in tables.items()},
-        channel_axes=axes,
+        channel_axes={n: o.channel_axis for n, o in observers.items()},
         module_types={n: type(modules[n]).__name__ for n in names},
         fingerprint=site_fingerprint(model, channels),
         info=info,

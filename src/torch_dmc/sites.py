@@ -20,8 +20,10 @@ __all__ = [
     "NORM_TYPES",
     "SiteSpec",
     "select_sites",
+    "declared_channels",
     "channel_axis_for",
-    "resolve_channel_axes",
+    "check_declared_channels",
+    "channel_axis_overrides",
     "check_channel_axis",
     "model_device",
     "site_fingerprint",
@@ -32,7 +34,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
     nn.GroupNorm, nn.LayerNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
-)
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 """Module types whose outputs are the default correction sites (``sites="norm"``)."""
 
 SiteSpec = str | type | Sequence[str | type]
@@ -81,37 +83,99 @@ def select_sites(model: nn.Module, sites: SiteSpec = "norm") -> list[str]:
     return chosen
 
 
-def channel_axis_for(module: nn.Module, override: int | None = None) -> int:
-    """The channel axis of a module's output: ``override`` if given, -1 for LayerNorm, else 1.
+_LAST_AXIS_TYPES = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-    LayerNorm in transformers normalises ``N×T×C`` tokens over the last axis; every other layer
-    here produces ``N×C×…``.
+
+def declared_channels(module: nn.Module) -> int | None:
+    """The channel count a site module declares, or ``None`` when it declares none.
+
+    ``num_channels`` (GroupNorm), ``num_features`` (BatchNorm, InstanceNorm and their subclasses),
+    or the single entry of a one-axis ``normalized_shape`` (LayerNorm, RMSNorm, LayerNorm2d-style
+    modules, also plain modules with that attribute). A LayerNorm over several axes declares none.
+    """
+    if isinstance(module, nn.GroupNorm):
+        return int(module.num_channels)
+    if isinstance(getattr(module, "num_features", None), int):
+        return int(module.num_features)
+    shape = getattr(module, "normalized_shape", None)
+    if isinstance(shape, int):
+        return shape
+    if isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 1:
+        return int(shape[0])
+    return None
+
+
+def channel_axis_for(module: nn.Module, output_shape: Sequence[int] | None = None,
+                     override: int | None = None, name: str = "") -> int:
+    """The channel axis of a module's output (docs/method.md § Correction sites).
+
+    - ``override`` if given;
+    - ``-1`` for exactly ``nn.LayerNorm``/``nn.RMSNorm``: they normalise the last axis, so it holds
+      the channels (``N×C``, ``N×T×C`` tokens, ``N×H×W×C`` channels-last);
+    - for other modules with a one-axis ``normalized_shape`` (``C``), e.g. timm's ``LayerNorm2d``,
+      an ``nn.LayerNorm`` subclass that normalises the channels of an ``N×C×H×W`` tensor: the one
+      of axes 1 and -1 whose size is ``C`` (as 1 or -1), found from ``output_shape``;
+    - ``1`` otherwise (``N×C×…``: BatchNorm, GroupNorm, InstanceNorm and the rest).
+
+    Raises:
+        ValueError: both axes 1 and -1 (or neither) have size ``C``: the axis cannot be told from
+            the shape; the message says how to set ``channel_axes``.
     """
     if override is not None:
         return override
-    return -1 if isinstance(module, nn.LayerNorm) else 1
+    if type(module) in _LAST_AXIS_TYPES:
+        return -1
+    declared = declared_channels(module)
+    if getattr(module, "normalized_shape", None) is None or declared is None:
+        return 1
+    if output_shape is None:
+        return -1
+    dims = len(output_shape)
+    hits = sorted({a % dims for a in (1, -1) if dims > 1 and output_shape[a] == declared})
+    if len(hits) == 1:
+        return -1 if hits[0] == dims - 1 else 1
+    what = (f"site {name!r} ({type(module).__name__}, normalized_shape {tuple(module.normalized_shape)})"
+            f" has output shape {tuple(output_shape)}")
+    if not hits:
+        raise ValueError(f"{what}: neither axis 1 nor the last axis has its {declared} channels; set "
+                         f"channel_axes={{{name!r}: axis}} to the axis that holds them")
+    raise ValueError(f"{what}: both axis 1 and the last axis have size {declared}, so the channel "
+                     f"axis is ambiguous; set channel_axes={{{name!r}: 1}} for channels-first "
+                     f"(N×C×H×W, e.g. LayerNorm2d) or {{{name!r}: -1}} for channels-last or tokens")
 
 
-def resolve_channel_axes(model: nn.Module, names: Iterable[str],
-                         channel_axes: int | Mapping[str, int] | None = None) -> dict[str, int]:
-    """Channel axis of every site: one override for all (int), per-pattern overrides, or defaults."""
-    modules = dict(model.named_modules())
+def check_declared_channels(name: str, module: nn.Module, output: Tensor, axis: int) -> None:
+    """`ValueError` naming the site if the output's channel axis is not the module's channel count."""
+    declared = declared_channels(module)
+    if declared is not None and output.shape[axis] != declared:
+        raise ValueError(
+            f"site {name!r} ({type(module).__name__}) declares {declared} channels, but its output "
+            f"of shape {tuple(output.shape)} has {output.shape[axis]} on channel axis {axis}; set "
+            f"channel_axes={{{name!r}: axis}} to the axis that holds its {declared} channels")
+
+
+def channel_axis_overrides(names: Iterable[str],
+                           channel_axes: int | Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """The channel axis each site is given: one for all (int), the last matching pattern (dict), or
+    ``None`` (decided by `channel_axis_for` from the module and its first output).
+
+    Raises:
+        TypeError: ``channel_axes`` or a value of it is not an int.
+        ValueError: a pattern matches no site.
+    """
     names = list(names)
-    if channel_axes is not None and not isinstance(channel_axes, (int, Mapping)) or isinstance(
-            channel_axes, bool):
+    if isinstance(channel_axes, bool) or (channel_axes is not None
+                                          and not isinstance(channel_axes, (int, Mapping))):
         raise TypeError(f"channel_axes must be an int, a dict of site pattern → int, or None; found "
                         f"{channel_axes!r}")
-    axes = {}
+    if channel_axes is None or isinstance(channel_axes, int):
+        return dict.fromkeys(names, channel_axes)
+    _check_axis_patterns(channel_axes, names)
+    out = {}
     for name in names:
-        override = None
-        if isinstance(channel_axes, int):
-            override = channel_axes
-        elif channel_axes is not None:
-            _check_axis_patterns(channel_axes, names)
-            hits = [a for p, a in channel_axes.items() if fnmatch.fnmatchcase(name, p)]
-            override = hits[-1] if hits else None
-        axes[name] = channel_axis_for(modules[name], override)
-    return axes
+        hits = [a for p, a in channel_axes.items() if fnmatch.fnmatchcase(name, p)]
+        out[name] = hits[-1] if hits else None
+    return out
 
 
 def _check_axis_patterns(channel_axes: Mapping[str, int], names: list[str]) -> None:

@@ -24,7 +24,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .sites import site_fingerprint
+from .sites import declared_channels, site_fingerprint
 
 __all__ = ["FORMAT_VERSION", "ReferenceStats", "StatsMismatchError"]
 
@@ -145,7 +145,7 @@ class ReferenceStats:
         if wrong:
             raise StatsMismatchError(
                 f"site types differ: {'; '.join(wrong[:5])}: were the stats fitted on another model?")
-        expected = _declared_channels(modules, self.sites)
+        expected = {s: declared_channels(modules[s]) for s in self.sites}
         wrong = [f"{s} has {expected[s]} channels, stats have {self.channels[s]}"
                  for s in self.sites if expected[s] is not None and expected[s] != self.channels[s]]
         if wrong:
@@ -524,19 +524,3 @@ def _values_problem(quantiles: dict[str, Tensor], per_sample: dict[str, Tensor])
                     f"{t[c, j].item()}, expected non-decreasing rows (a quantile function never "
                     "decreases)")
     return None
-
-
-def _declared_channels(modules: dict[str, nn.Module], sites: list[str]) -> dict[str, int | None]:
-    """Channel count a site module declares (BN ``num_features``, GN ``num_channels``, …) or None."""
-    out: dict[str, int | None] = {}
-    for s in sites:
-        m = modules[s]
-        if isinstance(m, nn.GroupNorm):
-            out[s] = m.num_channels
-        elif hasattr(m, "num_features"):
-            out[s] = int(m.num_features)
-        elif isinstance(m, nn.LayerNorm):
-            out[s] = int(m.normalized_shape[-1])
-        else:
-            out[s] = None
-    return out

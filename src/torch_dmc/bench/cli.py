@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from .. import methods as methods_mod
-from ..cli import check_int_flags, check_out, new_outputs, require_path, run_command
+from ..cli import check_int_flags, check_out, error_message, new_outputs, require_path, run_command
 from ..data import corruptions
+from ..data.arrays import NPZ_EXPECTED
 from . import provenance
 from .protocol import DEFAULT_METHODS, QUICK_CORRUPTIONS, Protocol, parse_int_list, parse_name_list
 from .streams import IID, parse_stream_list, stream_name
@@ -38,7 +39,6 @@ BENCH_MINIMUMS = {"n_test": 1, "fit_images": 1, "fit_levels": 2, "gen_seed": 0, 
 TUNE_MINIMUMS = {"n_test": 1, "batch_size": 1, "seed": 0, "fit_images": 1, "fit_levels": 2,
                  "gen_seed": 0, "workers": 1, "threads": 1}
 
-_DATA_NPZ = "an .npz with arrays x_train, y_train, x_test, y_test (uint8 images, integer labels)"
 _STATS_FILE = "a .safetensors stats file written by `dmc fit` or `dmc tune`"
 
 #: ``--quick``: what it sets (explicit flags still win).
@@ -222,6 +222,19 @@ def check_methods(names: list[str], flag: str) -> None:
         )
 
 
+def check_device(name: str | None) -> None:
+    """Raise ``ValueError`` if ``--device`` names no device usable here (``None``: the default)."""
+    if name is None:
+        return
+    try:
+        torch.empty(0, device=torch.device(name))
+    except (RuntimeError, AssertionError) as err:  # a bad name; torch built or run without it
+        raise ValueError(
+            f"--device {name}: not usable here ({error_message(err)}); expected a torch device of "
+            "this machine, e.g. cpu or cuda."
+        ) from None
+
+
 def _corruptions(spec: str, flag: str = "--corruptions") -> list[str]:
     """The corruption names of ``spec``, or ``ValueError`` naming ``flag``."""
     try:
@@ -343,10 +356,11 @@ def _bench(args: argparse.Namespace) -> int:
     protocol, method_config = bench_protocol(args)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR, the folder to continue.")
+    check_device(args.device)
     if args.stats is not None:
         require_path(args.stats, "--stats", _STATS_FILE)
     if args.data is not None:
-        require_path(args.data, "--data", _DATA_NPZ)
+        require_path(args.data, "--data", NPZ_EXPECTED)
     out = check_out(args.out or RUNS_DIR / f"bench-{_timestamp()}", folder=True)
     _set_threads(args)
     extra = None
@@ -574,7 +588,7 @@ def _tune(args: argparse.Namespace) -> int:
     baselines = parse_name_list(args.baselines)
     check_methods(baselines, "--baselines")
     if args.data is not None:
-        require_path(args.data, "--data", _DATA_NPZ)
+        require_path(args.data, "--data", NPZ_EXPECTED)
     if args.stats is not None:
         check_out(args.stats, folder=False, flag="--stats")
     out = check_out(args.out or RUNS_DIR / f"dmc-tune-{_timestamp()}.json", folder=False)

@@ -28,6 +28,7 @@ from torch import nn
 
 from .. import methods as methods_mod
 from ..data import arrays, corruptions
+from ..options import DMCOptions
 from . import provenance
 from .protocol import Protocol
 from .runner import _Images, obtain_stats, stream_errors, write_json
@@ -86,18 +87,16 @@ class TuneGrid:
         for name in ("site_sets", "strengths", "modes", "adapt_bn", "priors", "momenta"):
             if not getattr(self, name):
                 raise ValueError(f"tune grid: '{name}' is empty; give at least one value.")
-        bad = [v for v in self.priors if not float(v) >= 0]
-        if bad:
-            raise ValueError(f"tune grid: priors (N0) must be >= 0; found {bad}.")
-        bad = [v for v in self.momenta if not 0 < float(v) <= 1]
-        if bad:
-            raise ValueError(f"tune grid: momenta must lie in (0, 1]; found {bad}.")
-        bad = [s for s in self.strengths if not 0.0 <= float(s) <= 1.0]
-        if bad:
-            raise ValueError(f"tune grid: strengths must lie in [0, 1]; found {bad}.")
-        bad = [m for m in self.modes if m not in ("grid", "exact")]
-        if bad:
-            raise ValueError(f"tune grid: modes must be 'grid' or 'exact'; found {bad}.")
+        # every value is validated by the one options object that DMC itself uses
+        checks = ([("priors", v, {"prior": v}) for v in self.priors]
+                  + [("momenta", v, {"momentum": v}) for v in self.momenta]
+                  + [("strengths", v, {"strength": v}) for v in self.strengths]
+                  + [("modes", v, {"mode": v}) for v in self.modes])
+        for name, value, option in checks:
+            try:
+                DMCOptions(**option)
+            except ValueError as err:
+                raise ValueError(f"tune grid: {name} value {value!r} is invalid: {err}.") from None
         bad = [b for b in self.adapt_bn if not isinstance(b, bool)]
         if bad:
             raise ValueError(f"tune grid: adapt_bn values must be true/false; found {bad}.")

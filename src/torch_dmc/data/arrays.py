@@ -16,7 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["ImageData", "load_npz", "load_npz_images", "to_tensor", "batches", "Batches", "shuffled_order"]
+__all__ = [
+    "ImageData",
+    "NPZ_EXPECTED",
+    "load_npz",
+    "load_npz_images",
+    "to_tensor",
+    "batches",
+    "Batches",
+    "shuffled_order",
+]
 
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -127,9 +136,10 @@ def _check_labels(name: str, y: np.ndarray, n_images: int, source: str) -> np.nd
     return y.astype(np.int64)
 
 
-_DATA_NPZ = (
-    "an .npz with arrays x_train, y_train, x_test, y_test, saved with np.savez(path, "
-    "x_train=..., y_train=..., x_test=..., y_test=...)"
+#: What a data ``.npz`` holds, for messages (``"... expected " + NPZ_EXPECTED``).
+NPZ_EXPECTED = (
+    "an .npz with arrays x_train, y_train, x_test, y_test (uint8 images, integer labels), saved "
+    "with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)"
 )
 
 
@@ -203,8 +213,8 @@ def load_npz(path: str | Path) -> ImageData:
     """
     path = Path(path)
     source = str(path)
-    with _open_npz(path, _DATA_NPZ) as npz:
-        arrays = _read_arrays(npz, _SPLITS, source, _DATA_NPZ)
+    with _open_npz(path, NPZ_EXPECTED) as npz:
+        arrays = _read_arrays(npz, _SPLITS, source, NPZ_EXPECTED)
     x_train = _check_images("x_train", arrays["x_train"], source)
     x_test = _check_images("x_test", arrays["x_test"], source)
     if x_train.shape[1:] != x_test.shape[1:]:
