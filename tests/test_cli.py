@@ -17,7 +17,7 @@ from torch import nn
 
 from torch_dmc import ReferenceStats
 from torch_dmc._version import __version__
-from torch_dmc.bench import runner
+from torch_dmc.bench import inputs, runner
 from torch_dmc.bench.protocol import parse_int_list
 from torch_dmc.cli import main, new_outputs
 
@@ -59,10 +59,14 @@ def save_npz(path, **changes) -> str:
 def _isolated(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a default output (runs/...) lands in tmp_path
     monkeypatch.setenv("DMC_CACHE_DIR", str(tmp_path.parent / f"{tmp_path.name}-cache"))
-    real = runner.resolve_model
-    resolved = runner.ResolvedModel(tiny_model(), "tiny", {})
-    # the default model is the tiny one; a --model folder goes through the real resolver
-    monkeypatch.setattr(runner, "resolve_model", lambda path: resolved if path is None else real(path))
+    real = inputs.resolve_model
+    resolved = inputs.ResolvedModel(tiny_model(), "tiny", {})
+
+    def resolve(spec=None):  # the default model is the tiny one; any other goes to the resolver
+        return resolved if inputs.ModelSpec.of(spec) == inputs.ModelSpec() else real(spec)
+
+    monkeypatch.setattr(inputs, "resolve_model", resolve)  # dmc fit, dmc sites
+    monkeypatch.setattr(runner, "resolve_model", resolve)  # dmc bench, dmc tune
 
 
 def error_line(capsys, command: str) -> str:
@@ -86,9 +90,9 @@ def _cases(t):
         "fit missing data": (["fit", "--data", str(t / "nope.npz"), "--out", str(t / "s")],
                              "--data " + str(t / "nope.npz") + ": no such file; expected an .npz"),
         "fit missing model": (["fit", "--model", str(t / "nomodel"), "--data", good,
-                               "--out", str(t / "s")], "no such folder"),
+                               "--out", str(t / "s")], "no such file, folder or model name"),
         "bench missing model": (["bench", "--model", str(t / "nomodel"), "--data", good, *FAST],
-                                "expected a model folder written by `dmc train`"),
+                                "a model folder written by `dmc train`"),
         "bench missing stats": (["bench", "--stats", str(t / "nope.safetensors"), "--data", good],
                                 "--stats " + str(t / "nope.safetensors") + ": no such file"),
         "bench missing method config": (
@@ -342,3 +346,29 @@ def test_parse_int_list_bounds():
         parse_int_list("0,3,6", "--severities", low=1, high=5)
     with pytest.raises(ValueError, match="--seeds: .*non-negative"):
         parse_int_list([0, -1], "--seeds", low=0)
+
+
+def test_default_methods_leave_out_those_that_do_not_apply(capsys):
+    from torch import nn
+
+    from torch_dmc.bench.cli import applicable_defaults
+    from torch_dmc.bench.protocol import DEFAULT_METHODS
+
+    gn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(3))
+    kept = applicable_defaults(list(DEFAULT_METHODS), gn, "--methods")
+    assert "bn" not in kept and "tent" in kept and "dmc" in kept and "source" in kept
+    err = capsys.readouterr().err
+    assert "leaving out bn" in err and "no BatchNorm" in err
+    bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    assert applicable_defaults(list(DEFAULT_METHODS), bn, "--methods") == list(DEFAULT_METHODS)
+
+
+def test_parse_channel_axes():
+    from torch_dmc.cli import parse_channel_axes
+
+    assert parse_channel_axes(None) is None
+    assert parse_channel_axes("-1") == -1
+    assert parse_channel_axes("stages.*.norm=1, head=-1") == {"stages.*.norm": 1, "head": -1}
+    for bad in ("x", "a=b", "=1", ","):
+        with pytest.raises(ValueError, match="--channel-axes"):
+            parse_channel_axes(bad)

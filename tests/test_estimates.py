@@ -278,3 +278,38 @@ def test_grid_blended_estimates_close_to_exact(net_and_stats, estimate):
     grid = site_output(model, stats, x, mode="grid", estimate=estimate, prior=32, momentum=0.5)
     spread = exact.std()
     assert (grid - exact).abs().mean() < 0.02 * spread
+
+
+# --- prior_values: a prior of the batch estimate sized in values per channel ---------------------
+
+def test_prior_values_zero_is_batch_and_large_is_near_identity():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).eval()
+    data = [torch.randn(64, 4) for _ in range(8)]
+    stats = dmc.fit(model, data, levels=257, progress=False)
+    x = torch.randn(16, 4)  # in distribution, at a (B, C) site: 16 values per channel
+    with torch.no_grad():
+        plain = model(x)
+        for mode in dmc.MODES:
+            with dmc.corrected(model, stats, mode=mode) as m:
+                batch = m(x)
+            with dmc.corrected(model, stats, mode=mode, prior_values=0) as m:
+                assert torch.equal(m(x), batch)
+            with dmc.corrected(model, stats, mode=mode, prior_values=1e9) as m:
+                near = m(x)
+            assert (near - plain).abs().max() < 0.05 < (batch - plain).abs().max()
+
+
+def test_prior_values_weight_is_values_per_channel():
+    # V0 = n values gives the same map as the prior estimate with N0 = B when each image has
+    # one value per channel (a (B, C) site): both weigh the reference by 1/2
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6)).eval()
+    stats = dmc.fit(model, [torch.randn(64, 4) for _ in range(8)], levels=129, progress=False)
+    x = torch.randn(32, 4)
+    with torch.no_grad():
+        with dmc.corrected(model, stats, mode="exact", prior_values=32) as m:
+            a = m(x)
+        with dmc.corrected(model, stats, mode="exact", estimate="prior", prior=32) as m:
+            b = m(x)
+    torch.testing.assert_close(a, b)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -484,3 +486,233 @@ def test_needs_per_sample():
     assert not methods.needs_per_sample("dmc", {"estimate": {"*": "prior"}})
     assert not methods.needs_per_sample("dmc-prior", {"estimate": "per-sample"})
     assert not methods.needs_per_sample("bn")
+
+
+# -- models without BatchNorm: LayerNorm tokens (ViT-like) and GroupNorm convs --------------------
+
+
+class TinyViT(nn.Module):
+    """Patch embedding (Conv) → ``B×N×C`` tokens → one pre-norm block (LN-attention, LN-MLP) → LN →
+    mean over tokens → head: 3 LayerNorm layers, no BatchNorm."""
+
+    def __init__(self, in_chans: int = 3, patch: int = 2, dim: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_chans, dim, patch, stride=patch)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # B×N×C
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.norm2(t))
+        return self.head(self.norm(t).mean(1))
+
+
+def tiny_vit(seed: int = 0, **kw) -> TinyViT:
+    torch.manual_seed(seed)
+    model = TinyViT(**kw)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def tiny_gn(seed: int = 0) -> nn.Sequential:
+    """Conv-GN-ReLU, Conv-GN-ReLU, pool, Linear: 2 GroupNorm layers, no BatchNorm."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model.eval()
+
+
+NO_BN_MODELS = {"vit": (tiny_vit, "3 LayerNorm"), "gn": (tiny_gn, "2 GroupNorm")}
+DMC_FAMILY = ["dmc", "dmc-prior", "dmc-ema", "dmc-per-sample"]
+
+
+@pytest.mark.parametrize("kind", NO_BN_MODELS)
+@pytest.mark.parametrize("name", ["bn", "bn-prior", "bn-ema"])
+def test_bn_methods_refused_without_batchnorm(kind, name):
+    make, found = NO_BN_MODELS[kind]
+    model = make()
+    snap = snapshot(model)
+    expected = (
+        rf"method '{name}' does not apply to this model: it has no BatchNorm layer \(it has "
+        rf"{found}\), so BatchNorm statistics adaptation does not apply; methods that apply to "
+        r"it: source, tent, dmc, dmc-prior, dmc-ema, dmc-per-sample\.$"
+    )
+    assert re.match(expected, methods.METHODS[name].applies_to(model))
+    with pytest.raises(ValueError, match=expected):
+        methods.build(name, model)
+    with pytest.raises(ValueError, match=expected):
+        methods.METHODS[name](model)  # the class itself refuses, not only build()
+    assert methods.METHODS[name].applies_to(tiny_cnn()) is None
+    assert_same(model, snap)
+
+
+def test_applicable():
+    assert methods.applicable(tiny_cnn()) == methods.available()
+    assert methods.applicable(tiny_vit()) == ["source", "tent", *DMC_FAMILY]
+    assert methods.applicable(tiny_gn()) == ["source", "tent", *DMC_FAMILY]
+    no_affine = nn.Sequential(nn.Flatten(), nn.LayerNorm(108, elementwise_affine=False))
+    assert methods.applicable(no_affine) == ["source", *DMC_FAMILY]
+    assert methods.describe_norm_layers(nn.Sequential(nn.Linear(2, 2))) == (
+        "it has no normalization layer"
+    )
+    mixed = nn.Sequential(nn.GroupNorm(1, 4), nn.LayerNorm(4), nn.GroupNorm(2, 4))
+    assert methods.describe_norm_layers(mixed) == "it has 2 GroupNorm and 1 LayerNorm"
+
+
+def test_tent_refused_without_affine_norm():
+    model = nn.Sequential(nn.Flatten(), nn.LayerNorm(108, elementwise_affine=False), nn.Linear(108, 10))
+    with pytest.raises(
+        ValueError,
+        match=r"method 'tent' does not apply to this model: .*normalization layers \(BatchNorm, "
+        r"GroupNorm, LayerNorm\) and the model has none with affine parameters \(it has 1 "
+        r"LayerNorm\); methods that apply to it: source, dmc",
+    ):
+        methods.build("tent", model)
+    assert methods.Tent.applies_to(tiny_vit()) is None
+
+
+@pytest.mark.parametrize("kind", NO_BN_MODELS)
+def test_tent_adapts_only_ln_gn_affine_params(kind):
+    model = NO_BN_MODELS[kind][0]()
+    norm_type = nn.LayerNorm if kind == "vit" else nn.GroupNorm
+    snap = snapshot(model)
+    method = methods.build("tent", model)
+    norms = {n for n, m in model.named_modules() if isinstance(m, norm_type)}
+    expected = [f"{n}.{p}" for n in sorted(norms, key=list(dict(model.named_modules())).index)
+                for p in ("weight", "bias")]
+    assert method.param_names == expected
+    trainable = [n for n, p in method.model.named_parameters() if p.requires_grad]
+    assert trainable == expected
+    assert all(m.training == (n in norms) for n, m in method.model.named_modules() if n)
+    method(batches(1)[0])
+    before = dict(model.named_parameters())
+    for name, p in method.model.named_parameters():
+        if name in expected:
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name
+    for name, b in method.model.named_buffers():
+        assert torch.equal(b, dict(model.named_buffers())[name]), name
+    method.reset()
+    for name, p in method.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert_same(model, snap)
+
+
+@pytest.mark.parametrize("kind", NO_BN_MODELS)
+def test_tent_matches_reference_and_reset_on_ln_gn(kind):
+    model = NO_BN_MODELS[kind][0]()
+    xs = batches(2)
+    ref_preds, _ = reference_tent(model, xs)
+    method = methods.build("tent", model)
+    first = [method(x) for x in xs]
+    for a, b in zip(first, ref_preds, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    method.reset()
+    for x, a in zip(xs, first, strict=True):
+        assert torch.equal(method(x), a)
+
+
+@pytest.mark.parametrize("kind", NO_BN_MODELS)
+def test_tent_entropy_decreases_on_repeated_batch(kind):
+    method = methods.build("tent", NO_BN_MODELS[kind][0](), lr=1e-2)
+    x = batches(1)[0]
+    losses = [methods.tent.softmax_entropy(method(x)).mean().item() for _ in range(6)]
+    assert losses[-1] < losses[0]
+    assert all(b <= a + 1e-6 for a, b in zip(losses, losses[1:], strict=False))
+
+
+@pytest.fixture(params=list(NO_BN_MODELS))
+def fitted_no_bn(request):
+    model = NO_BN_MODELS[request.param][0]()
+    x1, x2 = batches(2, n=16, seed=3)
+    stats = torch_dmc.fit(model, [x1, x2], levels=64, progress=False, per_sample=True)
+    return model, stats
+
+
+def test_dmc_family_on_ln_and_gn_models(fitted_no_bn):
+    model, stats = fitted_no_bn
+    snap = snapshot(model)
+    xs = batches(2)
+    with torch.no_grad():
+        plain = model(xs[0])
+        for name in DMC_FAMILY:
+            method = methods.build(name, model, stats=stats)
+            out = [method(x) for x in xs]
+            assert out[0].shape == (8, 10) and all(torch.isfinite(o).all() for o in out)
+            assert not torch.allclose(out[0], plain, atol=1e-4), name  # it corrects something
+            method.reset()
+            assert torch.equal(method(xs[0]), out[0]), name
+    assert_same(model, snap)
+
+
+@pytest.mark.parametrize("name", DMC_FAMILY)
+def test_dmc_adapt_bn_refused_without_batchnorm(fitted_no_bn, name):
+    model, stats = fitted_no_bn
+    found = "3 LayerNorm" if isinstance(model, TinyViT) else "2 GroupNorm"
+    expected = (
+        rf"method '{name}' with these options does not apply to this model: adapt_bn=True "
+        rf"configures the BatchNorm layers, but it has no BatchNorm layer \(it has {found}\); use "
+        r"adapt_bn=False\.$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        methods.build(name, model, stats=stats, adapt_bn=True)
+    with pytest.raises(ValueError, match=expected):
+        methods.METHODS[name](model, stats, adapt_bn=True)  # the class refuses too
+    assert methods.METHODS[name].applies_to(model, {"adapt_bn": False}) is None
+    assert methods.METHODS[name].applies_to(tiny_cnn(), {"adapt_bn": True}) is None
+
+
+def test_bench_refuses_bn_on_vit_before_fitting(tmp_path):
+    from torch_dmc.bench import runner
+    from torch_dmc.bench.protocol import Protocol
+    from torch_dmc.data import ImageData
+
+    rng = np.random.default_rng(0)
+    data = ImageData(
+        rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), np.arange(16) % 10,
+        rng.integers(0, 256, (8, 28, 28), dtype=np.uint8), np.arange(8) % 10, name="tiny",
+    )
+    protocol = Protocol(methods=["source", "dmc", "bn", "bn-ema"], corruptions=["contrast"],
+                        severities=[5], batch_sizes=[8], seeds=[0], fit_levels=64)
+    model = tiny_vit(in_chans=1, patch=7)
+    with pytest.raises(ValueError) as err:
+        runner.run_benchmark(protocol, tmp_path / "out", model=model, data=data, workers=1,
+                             progress=False, plots=False, cache_dir=tmp_path / "cache",
+                             log=lambda _: None)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "method 'bn' does not apply to this model: it has no BatchNorm layer (it has 3 LayerNorm)"
+    )
+    assert message.endswith("Also not applicable: bn-ema. Leave them out of the methods to run.")
+    assert not (tmp_path / "out" / "stats.safetensors").exists()
+    runner.check_methods_apply(Protocol(methods=["source", "tent", "dmc"]), model)
+    with pytest.raises(ValueError, match="adapt_bn=True"):
+        runner.check_methods_apply(
+            Protocol(methods=["dmc"], method_options={"dmc": {"adapt_bn": True}}), model
+        )

@@ -1,4 +1,4 @@
-"""The ``dmc`` command: ``demo``, ``train``, ``fit``, ``bench``, ``tune``, ``report``, ``perf``.
+"""The ``dmc`` command: ``demo``, ``train``, ``fit``, ``sites``, ``bench``, ``tune``, ``report``, ``perf``.
 
 Each sub-command is a thin shell over a library function; run ``dmc <command> --help``.
 
@@ -259,8 +259,9 @@ def _add_fit(sub) -> None:
                        description="Fit the reference quantiles of every normalization layer's "
                        "output on training images and save them as a safetensors file "
                        "(docs/method.md).")
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help="model folder (default: the shipped Fashion-MNIST model)")
+    from .bench.inputs import add_model_arguments
+
+    add_model_arguments(p)
     p.add_argument("--data", default=None, metavar="PATH.npz",
                    help=".npz with x_train (uint8 images N×H×W or N×H×W×C; other arrays are not "
                    "needed); default: Fashion-MNIST")
@@ -269,6 +270,9 @@ def _add_fit(sub) -> None:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--levels", type=int, default=1024)
     p.add_argument("--sites", default="norm", help="'norm' or comma-separated name patterns")
+    p.add_argument("--channel-axes", default=None, metavar="AXIS|PATTERN=AXIS,...",
+                   help="channel axis of every site (an int), or per site pattern, e.g. "
+                   "'stages.*.norm=1,head.norm=-1' (default: decided per site; see `dmc sites`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="leave samples with a NaN/Inf activation out of a site's reference (counted "
@@ -293,29 +297,196 @@ def _run_fit(args) -> int:
     import torch
 
     from . import fit
-    from .bench.runner import check_model_fits, resolve_model
+    from .bench.inputs import ModelSpec, check_model_fits, resolve_model
     from .data.arrays import batches, to_tensor
 
     check_int_flags(args, {"images": 1, "batch_size": 1, "levels": 2, "seed": 0})
     if args.data is not None:
         require_path(args.data, "--data", "an .npz with array x_train (uint8 images)")
     out = check_out(args.out, folder=False)
-    model = resolve_model(args.model).model  # a missing --model folder is reported here
+    model = resolve_model(ModelSpec.from_args(args)).model  # a bad --model is reported here
     x = _fit_images(args.data)
     check_model_fits(model, x)
     if args.images is not None and args.images < len(x):
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
         x = x[idx[: args.images].sort().values.numpy()]
-    sites = "norm" if args.sites == "norm" else args.sites.split(",")
+    sites = site_patterns(args.sites)
     stats = fit(model, batches(to_tensor(x), None, args.batch_size), sites=sites,
                 levels=args.levels, seed=args.seed, per_sample=args.per_sample,
-                skip_nonfinite=args.skip_nonfinite)
+                skip_nonfinite=args.skip_nonfinite, channel_axes=parse_channel_axes(args.channel_axes))
     with new_outputs(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
             stats.save(tmp)
     print(f"{len(stats.sites)} sites, {stats.nbytes() / 1e6:.2f} MB of tables, rank-error bound "
           f"{stats.info['rank_error_bound']:.4f}: {args.out}")
+    return 0
+
+
+def parse_channel_axes(text: str | None) -> int | dict[str, int] | None:
+    """``--channel-axes``: ``None``, one int for every site, or ``PATTERN=AXIS`` pairs."""
+    if text is None:
+        return None
+    expected = "expected an int or comma-separated PATTERN=AXIS pairs, e.g. 'stages.*.norm=1'"
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        pattern, sep, axis = item.rpartition("=")
+        try:
+            out[pattern.strip()] = int(axis)
+        except ValueError:
+            raise ValueError(f"--channel-axes {text!r}: {item!r} is not PATTERN=AXIS; {expected}.") from None
+        if not sep or not pattern.strip():
+            raise ValueError(f"--channel-axes {text!r}: {item!r} is not PATTERN=AXIS; {expected}.")
+    if not out:
+        raise ValueError(f"--channel-axes {text!r}: {expected}.")
+    return out
+
+
+def site_patterns(text: str) -> str | list[str]:
+    """``--sites``: ``"norm"``, or the list of its comma-separated entries (``norm`` among them)."""
+    entries = [t.strip() for t in text.split(",") if t.strip()]
+    if not entries:
+        raise ValueError(f"--sites {text!r}: expected 'norm' or comma-separated name patterns.")
+    return "norm" if entries == ["norm"] else entries
+
+
+def _add_sites(sub) -> None:
+    p = sub.add_parser(
+        "sites", help="list a model's candidate correction sites: name, type, channel axis, channels",
+        description="Run one dummy batch of 2 images through the model and print every candidate "
+        "site: its name (for `dmc fit --sites` and DMC(sites=..., strength={pattern: λ})), module "
+        "type, channel axis (as torch_dmc.sites.channel_axis_for decides it from the output), "
+        "channels, and values per channel per image.")
+    from .bench.inputs import add_model_arguments
+
+    add_model_arguments(p)
+    p.add_argument("--sites", default="norm",
+                   help="'norm' (every normalization layer; default) or comma-separated name "
+                   "patterns, e.g. 'layer*.bn2,head.norm'")
+    p.add_argument("--data", default=None, metavar="PATH.npz",
+                   help="run 2 images of x_train of this .npz (default: random images of the "
+                   "model's input, 1×28×28 as Fashion-MNIST unless the model is known to take "
+                   "others)")
+    p.add_argument("--channels", type=int, default=None,
+                   help="channels of the random images (default 1, or the model's)")
+
+
+def _dummy_batch(args, input_shape: tuple[int, int, int] | None):
+    """The 2 images ``dmc sites`` runs: from ``--data``, or random at the model's input shape."""
+    import torch
+
+    from .data.arrays import load_npz_images, to_tensor
+
+    if args.data is not None:
+        if args.channels is not None:
+            raise ValueError("--channels: the images come from --data; give one of the two.")
+        return to_tensor(load_npz_images(args.data, "x_train")[:2])
+    c, h, w = input_shape or (1, 28, 28)  # Fashion-MNIST, the default data
+    return torch.rand(2, args.channels or c, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def site_table(model, x, sites: str | list[str] = "norm") -> list[dict[str, object]]:
+    """The candidate sites of ``model``, one row each, from one forward pass of ``x``.
+
+    Args:
+        model: the network.
+        x: a batch of inputs (its first axis is the batch).
+        sites: as ``torch_dmc.sites.select_sites`` (``"norm"`` or name patterns).
+
+    Returns:
+        Per site in model order: ``site`` (the name), ``type`` (the module's class), ``axis`` (the
+        channel axis ``channel_axis_for`` gives; a reason instead where it has none), ``channels``,
+        ``values`` (per channel per image) and ``output`` (the output's shape).
+
+    Raises:
+        ValueError: no module matches ``sites``, or the model fails on ``x`` (one line).
+    """
+    import math
+
+    import torch
+
+    from .sites import channel_axis_for, select_sites
+
+    names = select_sites(model, sites)
+    modules = dict(model.named_modules())
+    outputs: dict[str, object] = {}
+
+    def record(name: str):
+        return lambda _module, _inputs, output: outputs.setdefault(name, output)
+
+    handles = [modules[n].register_forward_hook(record(n)) for n in names]
+    try:
+        with torch.inference_mode():
+            model(x)
+    except Exception as err:  # the model's own code, on the dummy batch
+        raise ValueError(f"the model cannot take a batch of shape {tuple(x.shape)}: "
+                         f"{type(err).__name__}: {err}; give its input with --input-size H,W and "
+                         "--channels C, or --data") from err
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name in names:
+        out = outputs.get(name)
+        row: dict[str, object] = {"site": name, "type": type(modules[name]).__name__, "axis": "",
+                                  "channels": "", "values": "", "output": ""}
+        rows.append(row)
+        if out is None:
+            row["axis"] = "not called"
+            continue
+        if not isinstance(out, torch.Tensor):
+            row["axis"] = f"output is a {type(out).__name__}, not a tensor"
+            continue
+        row["output"] = "×".join(map(str, out.shape))
+        try:
+            axis = channel_axis_for(modules[name], tuple(out.shape), name=name)
+            channels = out.shape[axis]
+        except (ValueError, IndexError):
+            row["axis"] = "ambiguous: set channel_axes"
+            continue
+        row.update(axis=axis, channels=channels,
+                   values=math.prod(out.shape) // max(1, x.shape[0] * channels))
+    return rows
+
+
+def format_site_table(rows: list[dict[str, object]]) -> str:
+    """The rows of :func:`site_table` as an aligned text table (numbers right-aligned)."""
+    columns = [("site", "site"), ("type", "type"), ("axis", "channel axis"),
+               ("channels", "channels"), ("values", "values/channel/image"), ("output", "output")]
+    cells = [[str(r[k]) for k, _ in columns] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, (_, h) in enumerate(columns)]
+    right = {2, 3, 4}
+
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i in right and v.lstrip("-").isdigit() else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(values, widths, strict=True))).rstrip()
+
+    return "\n".join([line([h for _, h in columns])] + [line(c) for c in cells])
+
+
+def _run_sites(args) -> int:
+    from .bench.inputs import ModelSpec, resolve_model, unwrap
+
+    check_int_flags(args, {"channels": 1})
+    spec = ModelSpec.from_args(args)
+    if args.data is not None:
+        require_path(args.data, "--data", "an .npz with array x_train (uint8 images)")
+    sites = site_patterns(args.sites)
+    resolved = resolve_model(spec)
+    x = _dummy_batch(args, resolved.input_shape)
+    rows = site_table(resolved.model, x, sites)
+    pre = resolved.model.settings() if resolved.model is not unwrap(resolved.model) else None
+    pre_text = "" if pre is None else ", preprocessed: " + ", ".join(
+        f"{k} {','.join(f'{v:g}' for v in vals)}" for k, vals in pre.items() if vals)
+    print(f"{resolved.source} ({type(unwrap(resolved.model)).__name__}{pre_text}), a batch "
+          f"{'×'.join(map(str, x.shape))}: {len(rows)} site(s) matching --sites {args.sites}")
+    print(format_site_table(rows))
+    print("Choose by name: `dmc fit --sites 'PATTERN,...'`, or in Python DMC(model, stats, "
+          "sites=[...], strength={'PATTERN': λ}).")
     return 0
 
 
@@ -373,14 +544,15 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     _add_train(sub)
     _add_fit(sub)
+    _add_sites(sub)
     from .bench.cli import add_bench_arguments, add_tune_arguments, run_bench, run_tune
 
     add_bench_arguments(sub.add_parser("bench", help="benchmark methods on corrupted data"))
     add_tune_arguments(sub.add_parser("tune", help="choose DMC options on validation corruptions"))
     _add_report(sub)
     _add_perf(sub)
-    runners = {"demo": _run_demo, "train": _run_train, "fit": _run_fit, "bench": run_bench,
-               "tune": run_tune, "report": _run_report, "perf": _run_perf}
+    runners = {"demo": _run_demo, "train": _run_train, "fit": _run_fit, "sites": _run_sites,
+               "bench": run_bench, "tune": run_tune, "report": _run_report, "perf": _run_perf}
     args = parser.parse_args(argv)
     return run_command(args.command, runners[args.command], args)
 

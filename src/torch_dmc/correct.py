@@ -239,13 +239,34 @@ class GridTransport:
         return self._apply(output, axis, lut_from_quantiles(q_test, q_ref, lo, step, size), cache)
 
 
+MIN_BLEND_WEIGHT = 1e-3
+"""Below this weight of the reference, ``prior_values`` is skipped (the batch path is used)."""
+
+
+def _blend(site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache, weight: float) -> Tensor:
+    """Map through ``(1 − w)·Q_batch + w·Q_ref`` (a channel without finite values keeps ``Q_ref``)."""
+    q_ref = site.table(output.device, levels=transport.blend_levels(site.stats.levels))
+    q_batch, context = transport.batch_quantiles(output, axis, q_ref.shape[1], cache)
+    q_test = torch.where(q_batch.isnan(), q_ref, torch.lerp(q_batch, q_ref, weight))
+    return transport.through(output, axis, q_test, q_ref, context, cache)
+
+
 class BatchEstimate:
-    """``batch``: the current batch's values of each channel."""
+    """``batch``: the current batch's values of each channel; with ``prior_values = V0 > 0``,
+    blended with the reference as ``(n·Q_batch + V0·Q_ref)/(n + V0)``, ``n`` the batch's values
+    per channel."""
 
     name = "batch"
     fallback: str | None = None
 
+    def __init__(self, prior_values: float = 0.0):
+        self.prior_values = prior_values
+
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
+        if self.prior_values > 0:
+            weight = self.prior_values / (self.prior_values + output.numel() / output.shape[axis])
+            if weight >= MIN_BLEND_WEIGHT:
+                return _blend(site, output, axis, transport, cache, weight)
         return transport.match(output, axis, site.table(output.device), cache)
 
     def reset(self) -> None:
@@ -267,11 +288,7 @@ class PriorEstimate:
             return transport.match(output, axis, site.table(output.device), cache)
         if math.isinf(self.prior):
             return output
-        q_ref = site.table(output.device, levels=transport.blend_levels(site.stats.levels))
-        q_batch, context = transport.batch_quantiles(output, axis, q_ref.shape[1], cache)
-        q_test = torch.lerp(q_batch, q_ref, self.prior / (self.prior + output.shape[0]))
-        q_test = torch.where(q_batch.isnan(), q_ref, q_test)
-        return transport.through(output, axis, q_test, q_ref, context, cache)
+        return _blend(site, output, axis, transport, cache, self.prior / (self.prior + output.shape[0]))
 
     def reset(self) -> None:
         """Nothing to forget: the estimate has no state."""
@@ -338,7 +355,7 @@ class PerSampleEstimate:
 
 def _make_estimate(name: str, site: str, options: DMCOptions, stats: ReferenceStats):
     if name == "batch":
-        return BatchEstimate()
+        return BatchEstimate(options.prior_values)
     if name == "prior":
         return PriorEstimate(options.prior)
     if name == "ema":

@@ -80,7 +80,12 @@ class DMCOptions:
             activation's shape: the same batch always gives the same output).
         estimate: one of `ESTIMATES` for every site, or a mapping of fnmatch pattern → estimate
             (last match wins; unmatched sites use ``"batch"``; every pattern must match).
-        prior: ``N0 >= 0`` of the ``prior`` estimate (``math.inf`` allowed).
+        prior: ``N0 >= 0`` of the ``prior`` estimate, in images (``math.inf`` allowed).
+        prior_values: ``V0 >= 0``, a prior of the ``batch`` estimate sized in *values per
+            channel*: ``Q̂ = (n·Q_batch + V0·Q_ref)/(n + V0)`` with ``n`` the batch's values per
+            channel (``B`` at a ``B×C`` site, ``B·H·W`` at a spatial one), so a site with few
+            values stays near the identity and one with many is matched to its batch; ``0``: the
+            plain batch estimate. Skipped where its weight ``V0/(n + V0)`` is below 1/1000.
         momentum: ``m`` in ``(0, 1]`` of the ``ema`` estimate.
         min_positions: fewest positions per sample (``>= 2``) for the ``per-sample`` estimate;
             a batch with fewer uses ``prior`` at that site, for that batch only.
@@ -101,6 +106,7 @@ class DMCOptions:
     seed: int = 0
     estimate: str | Mapping[str, str] = "batch"
     prior: float = 16.0
+    prior_values: float = 0.0
     momentum: float = 0.1
     min_positions: int = 16
 
@@ -116,12 +122,15 @@ class DMCOptions:
             raise ValueError(f"seed must be an int, found {self.seed!r}")
         if not _is_number(self.prior) or not float(self.prior) >= 0:
             raise ValueError(f"prior (N0) must be a number >= 0 or math.inf, found {self.prior!r}")
+        if not _is_number(self.prior_values) or not 0 <= float(self.prior_values) < float("inf"):
+            raise ValueError(f"prior_values (V0) must be a finite number >= 0, found {self.prior_values!r}")
         if not _is_number(self.momentum) or not 0.0 < float(self.momentum) <= 1.0:
             raise ValueError(f"momentum must lie in (0, 1], found {self.momentum!r}")
         if not _is_int(self.min_positions) or self.min_positions < 2:
             raise ValueError(f"min_positions must be an int >= 2, found {self.min_positions!r}")
         object.__setattr__(self, "prior", float(self.prior))
         object.__setattr__(self, "momentum", float(self.momentum))
+        object.__setattr__(self, "prior_values", float(self.prior_values))
         object.__setattr__(self, "strength", _freeze(self.strength, "strength", _check_strength))
         object.__setattr__(self, "estimate", _freeze(self.estimate, "estimate", _check_estimate))
         if self.sites is not None:

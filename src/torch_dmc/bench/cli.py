@@ -13,6 +13,7 @@ created. Without ``--out`` they write under ``runs/`` (ignored by git), never in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from datetime import datetime
@@ -24,7 +25,9 @@ from .. import methods as methods_mod
 from ..cli import check_int_flags, check_out, error_message, new_outputs, require_path, run_command
 from ..data import corruptions
 from ..data.arrays import NPZ_EXPECTED
+from ..methods.base import has_batchnorm
 from . import provenance
+from .inputs import ModelSpec, add_model_arguments
 from .protocol import DEFAULT_METHODS, QUICK_CORRUPTIONS, Protocol, parse_int_list, parse_name_list
 from .streams import IID, parse_stream_list, stream_name
 
@@ -51,12 +54,7 @@ QUICK = {
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        metavar="DIR",
-        default=None,
-        help="model folder written by `dmc train` (default: the shipped Fashion-MNIST model)",
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         metavar="PATH.npz",
@@ -97,8 +95,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     _common(parser)
     parser.add_argument(
         "--methods",
-        default=",".join(DEFAULT_METHODS),
-        help=f"comma list (default: {','.join(DEFAULT_METHODS)})",
+        default=None,
+        help=f"comma list (default: {','.join(DEFAULT_METHODS)}, leaving out those that do not "
+        "apply to the model, e.g. the bn family on a model without BatchNorm)",
     )
     parser.add_argument(
         "--corruptions",
@@ -212,6 +211,19 @@ def _timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
+def applicable_defaults(names: list[str], model: torch.nn.Module, flag: str) -> list[str]:
+    """The default methods ``names`` that apply to ``model``; a note on stderr names the others.
+
+    Only defaults are filtered: a method given explicitly that does not apply is refused.
+    """
+    kept = [n for n in names if methods_mod.METHODS[n].applies_to(model) is None]
+    dropped = [n for n in names if n not in kept]
+    if dropped:
+        print(f"note: {flag} default: leaving out {', '.join(dropped)}, which do(es) not apply to "
+              f"this model ({methods_mod.METHODS[dropped[0]].applies_to(model)})", file=sys.stderr)
+    return kept
+
+
 def check_methods(names: list[str], flag: str) -> None:
     """Raise ``ValueError`` naming ``flag`` if a name is not a registered method."""
     known = methods_mod.available()
@@ -304,7 +316,7 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
                 )
             options.update(cfg["methods"])
         method_config = {"methods": options, "files": configs, "paths": files}
-    names = parse_name_list(args.methods)
+    names = parse_name_list(args.methods if args.methods is not None else ",".join(DEFAULT_METHODS))
     check_methods(names, "--methods")
     protocol = Protocol(
         methods=names,
@@ -322,7 +334,7 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
         fit_images=pick("fit_images", None),
         fit_levels=int(args.fit_levels),
         method_options=options,
-        model=None if args.model is None else str(args.model),
+        model=ModelSpec.from_args(args).model,
         data=None if args.data is None else str(args.data),
         quick=quick,
     )
@@ -354,6 +366,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     check_int_flags(args, BENCH_MINIMUMS)
     protocol, method_config = bench_protocol(args)
+    spec = ModelSpec.from_args(args)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out DIR, the folder to continue.")
     check_device(args.device)
@@ -378,15 +391,24 @@ def _bench(args: argparse.Namespace) -> int:
                 }
             )
             tuned = cfg.get("protocol") or {}
-            for key in ("model", "data"):
-                if key in tuned and tuned[key] != getattr(protocol, key):
+            now = {"model": protocol.model, "data": protocol.data}
+            tuned_model = cfg.get("model") or {}
+            if "spec" in tuned_model:  # written with the model flags
+                tuned = {**tuned, "weights": tuned_model.get("weights"),
+                         "preprocess": tuned_model.get("preprocess")}
+                now.update(weights=spec.weights, preprocess=spec.preprocessing)
+            for key, value in now.items():
+                if key in tuned and tuned[key] != value:
                     print(
                         f"warning: {path} was tuned with {key}={tuned[key]!r}, this "
-                        f"run uses {getattr(protocol, key)!r}",
+                        f"run uses {value!r}",
                         file=sys.stderr,
                     )
         extra = {"method_config": described[0] if len(described) == 1 else described}
-    model = resolve_model(protocol.model)
+    model = resolve_model(spec)
+    if args.methods is None:  # defaults: only those that apply to this model
+        protocol = dataclasses.replace(protocol, methods=applicable_defaults(
+            protocol.methods, model.model, "--methods"))
     data = resolve_data(protocol.data)
     with new_outputs(out, keep=lambda: _holds_results(out)):
         config = run_benchmark(
@@ -456,8 +478,8 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--adapt-bn",
-        default=",".join(str(b).lower() for b in g.adapt_bn),
-        help="false and/or true (default false,true)",
+        default=None,
+        help="false and/or true (default false,true; false only on a model without BatchNorm)",
     )
     parser.add_argument(
         "--method",
@@ -498,9 +520,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--baselines",
-        default="source,bn",
+        default=None,
         help="methods also evaluated on the validation cells, for reference only (default "
-        "source,bn; '' for none)",
+        "source,bn, leaving out bn on a model without BatchNorm; '' for none)",
     )
     parser.add_argument(
         "--out",
@@ -538,7 +560,7 @@ def tune_setup(args):
         gen_seed=int(args.gen_seed),
         fit_images=args.fit_images,
         fit_levels=int(args.fit_levels),
-        model=None if args.model is None else str(args.model),
+        model=ModelSpec.from_args(args).model,
         data=None if args.data is None else str(args.data),
     )
     if args.grid:
@@ -561,7 +583,7 @@ def tune_setup(args):
             site_sets=parse_name_list(args.site_sets),
             strengths=_floats(args.strengths, "--strengths"),
             modes=parse_name_list(args.modes),
-            adapt_bn=_bools(args.adapt_bn),
+            adapt_bn=_bools(args.adapt_bn if args.adapt_bn is not None else "false,true"),
             method=args.method,
             priors=_floats(args.priors, "--priors"),
             momenta=_floats(args.momenta, "--momenta"),
@@ -585,7 +607,7 @@ def _tune(args: argparse.Namespace) -> int:
 
     check_int_flags(args, TUNE_MINIMUMS)
     protocol, grid = tune_setup(args)
-    baselines = parse_name_list(args.baselines)
+    baselines = parse_name_list(args.baselines if args.baselines is not None else "source,bn")
     check_methods(baselines, "--baselines")
     if args.data is not None:
         require_path(args.data, "--data", NPZ_EXPECTED)
@@ -593,7 +615,11 @@ def _tune(args: argparse.Namespace) -> int:
         check_out(args.stats, folder=False, flag="--stats")
     out = check_out(args.out or RUNS_DIR / f"dmc-tune-{_timestamp()}.json", folder=False)
     _set_threads(args)
-    resolved = resolve_model(protocol.model)
+    resolved = resolve_model(ModelSpec.from_args(args))
+    if args.baselines is None:
+        baselines = applicable_defaults(baselines, resolved.model, "--baselines")
+    if args.adapt_bn is None and not args.grid and not has_batchnorm(resolved.model):
+        grid = dataclasses.replace(grid, adapt_bn=[False])  # adapt_bn=True needs BatchNorm
     data = resolve_data(protocol.data)
     check_model_fits(resolved.model, data)
     outputs = [out] if args.stats is not None else [out, default_stats_path(out)]
@@ -605,6 +631,7 @@ def _tune(args: argparse.Namespace) -> int:
             model=resolved.model,
             data=data,
             model_files=resolved.files,
+            model_info=resolved.describe(),
             baselines=baselines,
             stats_path=args.stats,
             cache_dir=args.cache,

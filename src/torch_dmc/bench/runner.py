@@ -39,6 +39,7 @@ from .. import methods as methods_mod
 from ..data import arrays, corruptions
 from ..sites import model_device as _model_device
 from . import provenance
+from .inputs import ResolvedModel, check_model_fits, resolve_data, resolve_model
 from .metrics import COLUMNS, TIMING_COLUMNS, ResultsWriter, done_cells, error_percent, read_results
 from .protocol import CLEAN, Protocol, Unit, pending
 from .streams import IID, stream_order
@@ -48,6 +49,7 @@ __all__ = [
     "ResolvedModel",
     "resolve_model",
     "resolve_data",
+    "check_model_fits",
     "fit_stats",
     "check_per_sample",
     "obtain_stats",
@@ -84,94 +86,12 @@ PROTOCOL_NOTES: dict[str, str] = {
 }
 
 
-# -- inputs --
-@dataclasses.dataclass
-class ResolvedModel:
-    """A loaded model and where it came from."""
-
-    model: nn.Module
-    source: str
-    files: dict[str, str]  # file name -> SHA-256
-
-
-def _weights_files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.glob("*")) if p.is_file() and p.suffix in (".safetensors", ".json")]
-
-
-def resolve_model(path: str | os.PathLike | None) -> ResolvedModel:
-    """Load the benchmark's model: a folder written by ``dmc train``, or the shipped default.
-
-    Returns:
-        The model in eval mode and the SHA-256 of its weight and config files.
-    """
-    from .. import models
-
-    if path is None:
-        model = models.load_default()
-        files = [Path(p) for p in models.default_files()]
-        source = "default"
-    else:
-        folder = Path(path)
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"--model {folder}: no such folder; expected a model folder written by `dmc train`."
-            )
-        model = models.load_model(folder)
-        files = _weights_files(folder)
-        source = str(folder)
-    hashes = provenance.sha256_files([p for p in files if p.is_file()])
-    model.eval()
-    return ResolvedModel(model, source, hashes)
-
-
-def resolve_data(path: str | os.PathLike | None) -> arrays.ImageData:
-    """``.npz`` data (``x_train, y_train, x_test, y_test``) or, by default, Fashion-MNIST.
-
-    Raises:
-        FileNotFoundError, KeyError, TypeError, ValueError: as :func:`~torch_dmc.data.load_npz`:
-            the message names the file, what is wrong and what is expected.
-    """
-    if path is None:
-        from ..data import fashion_mnist
-
-        return fashion_mnist.load_fashion_mnist()
-    return arrays.load_npz(path)
-
-
 def _array_digest(*xs: np.ndarray) -> str:
     h = hashlib.sha256()
     for x in xs:
         h.update(f"{x.dtype.str}{tuple(x.shape)}".encode())
         h.update(np.ascontiguousarray(x).data)
     return h.hexdigest()
-
-
-def check_model_fits(model: nn.Module, data: arrays.ImageData | np.ndarray) -> None:
-    """Raise ``ValueError`` if the model cannot take the data's images or labels.
-
-    Args:
-        model: the classifier.
-        data: a data set (its first test images go through the model, and the logits must cover
-            its classes), or ``uint8`` images alone (only that the model takes them is checked).
-    """
-    images = data if isinstance(data, np.ndarray) else data.x_test
-    x = arrays.to_tensor(images[:2])
-    try:
-        with torch.inference_mode():
-            logits = model(x)
-    except RuntimeError as err:
-        raise ValueError(
-            f"the model cannot take the data's images (tensor {tuple(x.shape)}): {err}. Was it "
-            f"trained on this data set (--model / --data)?"
-        ) from err
-    if isinstance(data, np.ndarray):
-        return
-    if logits.dim() != 2 or logits.shape[1] < data.num_classes:
-        raise ValueError(
-            f"the model returns logits of shape {tuple(logits.shape)} but the data has "
-            f"{data.num_classes} classes; expected B×{data.num_classes}. Was it trained on this "
-            f"data set?"
-        )
 
 
 # -- stats --
@@ -362,6 +282,29 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def check_methods_apply(protocol: Protocol, model: nn.Module) -> None:
+    """Refuse, before any fit or cell, a method that does not apply to ``model``.
+
+    Asks each method's class (``Method.applies_to``, with the protocol's options for it): e.g.
+    ``bn``, ``bn-prior`` and ``bn-ema`` on a model with no BatchNorm layer. Unknown names are left
+    to :func:`_method_info`.
+
+    Raises:
+        ValueError: one line, the first refused method's reason, naming any others refused.
+    """
+    refused = []
+    for name in protocol.methods:
+        cls = methods_mod.METHODS.get(name)
+        reason = cls.applies_to(model, protocol.method_options.get(name)) if cls else None
+        if reason is not None:
+            refused.append((name, reason))
+    if refused:
+        others = [n for n, _ in refused[1:]]
+        also = f" Also not applicable: {', '.join(others)}." if others else ""
+        them = "them" if others else "it"
+        raise ValueError(f"{refused[0][1]}{also} Leave {them} out of the methods to run.")
+
+
 def _method_info(protocol: Protocol, model: nn.Module, stats) -> dict[str, dict]:
     """Build every method once (fails fast on bad options); its definition and resolved options."""
     known = methods_mod.available()
@@ -487,7 +430,11 @@ def run_benchmark(
                 f"({details}). "
                 f"Use another --out, or the same options."
             )
+    model_info = resolved.describe()
+    if previous and "spec" in previous.get("model", {}):
+        _check_same_model(out, previous["model"], model_info)
 
+    check_methods_apply(protocol, net)  # before any fit: e.g. bn on a model with no BatchNorm
     # statistics (only for methods that need them)
     stats, stats_info = None, None
     if _needs_stats(protocol):
@@ -528,7 +475,9 @@ def run_benchmark(
     config: dict[str, Any] = {
         "tool": "dmc bench",
         "command": command if command is not None else provenance.command_line(),
-        "explicit_command": "dmc bench " + shlex.join(protocol.command_args()),
+        "explicit_command": "dmc bench " + shlex.join(
+            protocol.command_args() + (resolved.spec.extra_flags() if resolved.spec else [])
+        ),
         "protocol": protocol.to_dict(),
         "protocol_notes": PROTOCOL_NOTES,
         "data": {
@@ -542,12 +491,7 @@ def run_benchmark(
             "test_sha256": _array_digest(x_test, y_test),
         },
         "corruptions": corruptions.protocol_info(),
-        "model": {
-            "source": resolved.source,
-            "class": type(net).__name__,
-            "parameters": sum(p.numel() for p in net.parameters()),
-            "files_sha256": resolved.files,
-        },
+        "model": model_info,
         "stats": stats_info,
         "methods": method_info,
         "versions": provenance.package_versions(),
@@ -606,6 +550,16 @@ def run_benchmark(
         write_json(config_path, config)
     finish(out, config, plots=plots, log=log)
     return config
+
+
+def _check_same_model(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    """Refuse to resume ``out`` with another model: spec, weights, preprocessing or files."""
+    keys = ("spec", "weights", "preprocess", "files_sha256")
+    diff = [k for k in keys if old.get(k) != new.get(k)]
+    if diff:
+        details = "; ".join(f"{k}: folder has {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
+        raise ValueError(f"--resume {out}: the folder's results are of another model ({details}). "
+                         "Use another --out, or the same model flags.")
 
 
 def _show(bar, unit: Unit) -> None:

@@ -262,6 +262,7 @@ def tune(
     model: nn.Module,
     data: arrays.ImageData,
     model_files: dict[str, str] | None = None,
+    model_info: dict[str, Any] | None = None,
     stats_path: str | Path | None = None,
     cache_dir: str | Path | None = None,
     workers: int = 2,
@@ -278,6 +279,8 @@ def tune(
         out: the JSON file to write.
         model: the classifier; data: the data set.
         model_files: file name → SHA-256 of the model's files (provenance).
+        model_info: the ``model`` entry to record (spec, weights, preprocessing, checksums; see
+            ``torch_dmc.bench.inputs.ResolvedModel.describe``); default: ``model_files`` alone.
         stats_path: reference statistics to load if the file exists; otherwise they are fitted and
             saved there. Default: :func:`default_stats_path` (always refitted).
         cache_dir, workers, progress: as for ``dmc bench``.
@@ -371,7 +374,7 @@ def tune(
             "levels": stats.levels,
             "sites": stats.sites,
         },
-        "model": {"files_sha256": model_files or {}},
+        "model": model_info if model_info is not None else {"files_sha256": model_files or {}},
         "table": table,
         "command": command if command is not None else provenance.command_line(),
         "versions": provenance.package_versions(),

@@ -6,6 +6,12 @@ the caller's model is never modified). ``forward(x)`` adapts (if the method adap
 logits for ``x``; ``reset()`` restores the initial state; ``name``, ``definition`` and ``options()``
 describe the method exactly.
 
+Not every method applies to every model: ``bn``, ``bn-prior`` and ``bn-ema`` need a BatchNorm layer,
+``tent`` a BatchNorm/GroupNorm/LayerNorm layer with affine parameters, and ``dmc`` with
+``adapt_bn=True`` a BatchNorm layer. ``Method.applies_to(model, options)`` says why not (or
+``None``), :func:`applicable` lists the methods that do, and building one that does not raises
+``ValueError`` with that reason.
+
 Example:
     >>> from torch_dmc import methods                       # doctest: +SKIP
     >>> method = methods.build("bn-prior", model, prior=16)  # doctest: +SKIP
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Method
+from .base import Method, describe_norm_layers, has_batchnorm
 from .dmc import DMCEMA, DMCMethod, DMCPerSample, DMCPrior
 from .norm import (
     BN,
@@ -43,6 +49,15 @@ def available() -> list[str]:
     return list(METHODS)
 
 
+def applicable(model: nn.Module) -> list[str]:
+    """The names of the methods that apply to ``model`` with their default options, in order.
+
+    A method applies unless its class's ``applies_to(model)`` gives a reason (``bn`` on a model with
+    no BatchNorm layer, ...).
+    """
+    return [name for name, cls in METHODS.items() if cls._not_applicable(model, {}) is None]
+
+
 def build(name: str, model: nn.Module, stats=None, **options) -> Method:
     """Build the method ``name`` around a private copy of ``model``.
 
@@ -57,12 +72,17 @@ def build(name: str, model: nn.Module, stats=None, **options) -> Method:
         The method, ready to call on test batches.
 
     Raises:
-        ValueError: unknown method name, unknown option, invalid option value, or missing stats.
+        ValueError: unknown method name, unknown option, invalid option value, missing stats, or
+            a method that does not apply to ``model`` (the message of ``Method.applies_to``, e.g.
+            ``bn`` on a model with no BatchNorm layer).
     """
     cls = METHODS.get(name)
     if cls is None:
         raise ValueError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
     cls.check_options(options)
+    reason = cls.applies_to(model, options) if isinstance(model, nn.Module) else None
+    if reason is not None:
+        raise ValueError(reason)
     if cls.needs_stats:
         return cls(model, stats, **options)
     return cls(model, **options)
@@ -99,9 +119,12 @@ __all__ = [
     "PriorStatistics",
     "Source",
     "Tent",
+    "applicable",
     "available",
     "batch_moments",
     "build",
     "configure_bn",
+    "describe_norm_layers",
+    "has_batchnorm",
     "needs_per_sample",
 ]

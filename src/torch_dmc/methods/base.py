@@ -10,10 +10,39 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections import Counter
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..sites import NORM_TYPES as _SITE_NORM_TYPES
+
+
+def describe_norm_layers(model: nn.Module) -> str:
+    """The normalization layers of ``model``, counted by class, for error messages.
+
+    Counts the modules of the correction-site norm types (``torch_dmc.sites.NORM_TYPES``: BatchNorm,
+    GroupNorm, LayerNorm, InstanceNorm, RMSNorm, and their subclasses, each under its own class
+    name).
+
+    Returns:
+        E.g. ``"it has 13 LayerNorm"``, ``"it has 2 GroupNorm and 1 LayerNorm"``, or ``"it has no
+        normalization layer"``.
+    """
+    counts = Counter(type(m).__name__ for m in model.modules() if isinstance(m, _SITE_NORM_TYPES))
+    if not counts:
+        return "it has no normalization layer"
+    parts = [f"{n} {cls}" for cls, n in counts.items()]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"it has {listed}"
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` has a BatchNorm layer (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, subclasses)."""
+    return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
 class Method(nn.Module):
@@ -25,6 +54,10 @@ class Method(nn.Module):
 
     The train/eval modes of the wrapped model are part of a method's definition: ``train()`` and
     ``eval()`` on the method only set its own ``training`` flag and never reconfigure the model.
+
+    Whether a method applies to a model is a property of its class, :meth:`applies_to` (``bn`` needs
+    a BatchNorm layer, ``tent`` a norm layer with affine parameters, ...): ``build()`` and the
+    constructors that have such a rule refuse a model it does not apply to, with that message.
 
     Args:
         model: the trained classifier. It is deep-copied once; the caller's object is left as is.
@@ -50,6 +83,54 @@ class Method(nn.Module):
         self._options: dict[str, Any] = {}
         self._initial_model_state: dict[str, torch.Tensor] | None = None
         self._initial_optimizer_state: dict[str, Any] | None = None
+
+    # -- applicability ----------------------------------------------------------------------------
+    @classmethod
+    def applies_to(cls, model: nn.Module, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why the method with ``options`` does not apply to ``model``, or ``None`` if it does.
+
+        Constructing a method that does not apply raises ``ValueError`` with this message; callers
+        (``dmc bench``) ask before any work. Only the model's structure is looked at, never its
+        outputs.
+
+        Args:
+            model: the classifier.
+            options: the options the method would be built with (default: its defaults).
+
+        Returns:
+            ``None``, or one line: ``method 'bn' does not apply to this model: <reason>; methods
+            that apply to it: ...``, or, where only the options are refused (``dmc`` with
+            ``adapt_bn=True`` on a model with no BatchNorm layer), ``method 'dmc' with these
+            options does not apply to this model: <reason>.``
+        """
+        reason = cls._not_applicable(model, dict(options or {}))
+        if reason is None:
+            return None
+        if options and cls._not_applicable(model, {}) is None:  # only these options are refused
+            return f"method {cls.name!r} with these options does not apply to this model: {reason}."
+        from . import applicable  # the registry (imports this module)
+
+        return (
+            f"method {cls.name!r} does not apply to this model: {reason}; methods that apply to "
+            f"it: {', '.join(applicable(model))}."
+        )
+
+    @classmethod
+    def _not_applicable(cls, model: nn.Module, options: dict[str, Any]) -> str | None:
+        """The bare reason behind :meth:`applies_to` (no method name, no suggestions).
+
+        Subclasses that do not apply to every model override it (``bn``: no BatchNorm layer;
+        ``tent``: no affine norm layer; ``dmc``: ``adapt_bn=True`` without BatchNorm).
+        """
+        return None
+
+    def _refuse_if_not_applicable(self, model: nn.Module, options: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` with :meth:`applies_to`'s message (call before copying the model)."""
+        if not isinstance(model, nn.Module):
+            return  # Method.__init__ raises the TypeError
+        message = self.applies_to(model, options)
+        if message is not None:
+            raise ValueError(message)
 
     # -- subclasses -------------------------------------------------------------------------------
     def _save_initial_state(self) -> None:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..correct import DMC
 from ..options import DMCOptions
-from .base import Method
+from .base import Method, describe_norm_layers, has_batchnorm
 from .norm import BatchStatistics, configure_bn
 
 
@@ -65,6 +65,7 @@ class DMCMethod(Method):
             )
         if not isinstance(adapt_bn, bool):
             raise ValueError(f"adapt_bn is expected to be True or False, got {adapt_bn!r}")
+        self._refuse_if_not_applicable(model, {"adapt_bn": adapt_bn})
         unknown = sorted(set(options) - set(DMCOptions.names()))
         if unknown:
             raise ValueError(
@@ -83,6 +84,14 @@ class DMCMethod(Method):
     @classmethod
     def valid_options(cls) -> tuple[str, ...]:
         return ("adapt_bn", *DMCOptions.names())
+
+    @classmethod
+    def _not_applicable(cls, model: nn.Module, options: dict[str, Any]) -> str | None:
+        """``adapt_bn=True`` configures BatchNorm layers like ``bn``: refused without one."""
+        if options.get("adapt_bn") is True and not has_batchnorm(model):
+            return (f"adapt_bn=True configures the BatchNorm layers, but it has no BatchNorm layer "
+                    f"({describe_norm_layers(model)}); use adapt_bn=False")
+        return None
 
     def reset(self) -> None:
         """Restore the model's initial state and restart the corrector's random sampling."""

@@ -16,6 +16,10 @@ statistics unchanged (the source statistics, except for ``bn-ema`` where they ar
 estimate so far, which is not updated). For spatial BatchNorm at batch size 1 the batch statistics
 are the single instance's spatial statistics.
 
+A model with no BatchNorm layer is refused (``ValueError`` naming the norm layers it has): the
+methods would silently be ``source`` there. ``tent`` and the ``dmc`` family apply to LayerNorm and
+GroupNorm models.
+
 The layers keep their class (``isinstance`` and module names unchanged, so correction sites and
 stats keys still match); only the instance's ``forward`` is replaced by :func:`configure_bn`.
 All statistics are computed for all channels at once (no loop over channels).
@@ -31,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import Method
+from .base import Method, describe_norm_layers, has_batchnorm
 
 Moments = tuple[torch.Tensor, torch.Tensor]
 
@@ -162,8 +166,14 @@ def configure_bn(model: nn.Module, rule) -> list[str]:
         The names of the configured BatchNorm layers.
 
     Raises:
-        ValueError: a rule that needs source statistics meets a layer without running statistics.
+        ValueError: ``model`` has no BatchNorm layer, or a rule that needs source statistics meets a
+            layer without running statistics.
     """
+    if not has_batchnorm(model):
+        raise ValueError(
+            f"no BatchNorm layer to configure: the model has none ({describe_norm_layers(model)}), "
+            "so BatchNorm statistics adaptation (the bn methods, dmc's adapt_bn=True) does not apply"
+        )
     model.eval()
     names = []
     for name, module in model.named_modules():
@@ -181,11 +191,23 @@ def configure_bn(model: nn.Module, rule) -> list[str]:
 
 
 class _BNMethod(Method):
+    """The BatchNorm statistics methods: refused on a model with no BatchNorm layer."""
+
     def __init__(self, model: nn.Module, rule) -> None:
+        self._refuse_if_not_applicable(model, {})
         super().__init__(model)
         self.rule = rule
         self.bn_layers = configure_bn(self.model, rule)
         self._save_initial_state()
+
+    @classmethod
+    def _not_applicable(cls, model: nn.Module, options: dict) -> str | None:
+        if has_batchnorm(model):
+            return None
+        return (
+            f"it has no BatchNorm layer ({describe_norm_layers(model)}), so BatchNorm statistics "
+            "adaptation does not apply"
+        )
 
 
 class BN(_BNMethod):
@@ -200,6 +222,10 @@ class BN(_BNMethod):
 
     Args:
         model: the trained classifier (deep-copied once; the caller's object is left as is).
+
+    Raises:
+        ValueError: the model has no BatchNorm layer (e.g. a ViT with LayerNorm only): the method
+            does not apply (see ``applies_to``); ``tent`` and the ``dmc`` family do.
     """
 
     name = "bn"
@@ -228,6 +254,10 @@ class BNPrior(_BNMethod):
     Args:
         model: the trained classifier (deep-copied once; the caller's object is left as is).
         prior: N ≥ 0, the number of source samples the source statistics count as (default 16).
+
+    Raises:
+        ValueError: the model has no BatchNorm layer (e.g. a ViT with LayerNorm only): the method
+            does not apply (see ``applies_to``); ``tent`` and the ``dmc`` family do.
     """
 
     name = "bn-prior"
@@ -256,6 +286,10 @@ class BNEMA(_BNMethod):
     Args:
         model: the trained classifier (deep-copied once; the caller's object is left as is).
         momentum: m in [0, 1] (default 0.1). 0 is ``source``; 1 is ``bn``.
+
+    Raises:
+        ValueError: the model has no BatchNorm layer (e.g. a ViT with LayerNorm only): the method
+            does not apply (see ``applies_to``); ``tent`` and the ``dmc`` family do.
     """
 
     name = "bn-ema"

@@ -6,6 +6,15 @@ Mirrors the reference implementation (DequanWang/tent, ``tent.py``): small pure 
 :func:`forward_and_adapt`) and a thin wrapper, :class:`Tent`. One deliberate difference from
 ``tent.configure_model``: only the normalization layers are put in train mode; all other layers
 (dropout, ...) stay in eval mode.
+
+The adapted parameters are the affine ``weight`` and ``bias`` of every BatchNorm, GroupNorm and
+LayerNorm layer (:data:`NORM_TYPES`, subclasses included): the reference implementation's BatchNorm
+case, and the LayerNorm (ViT) and GroupNorm (ResNet-GN) variants of Tent used as baselines by Niu et
+al., "Towards Stable Test-Time Adaptation in Dynamic Wild World" (SAR, ICLR 2023). BatchNorm layers
+normalise with the current batch's statistics; GroupNorm and LayerNorm normalise every sample with
+its own statistics in train and eval mode alike, so for them only the affine parameters change.
+InstanceNorm, RMSNorm and every other layer are frozen. A model with no such layer with affine
+parameters is refused (:meth:`Tent.applies_to`).
 """
 
 from __future__ import annotations
@@ -16,10 +25,21 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .base import Method
+from .base import Method, describe_norm_layers
 
-#: Layers whose affine parameters tent adapts.
+#: Layers whose affine parameters tent adapts (BatchNorm1d/2d/3d and SyncBatchNorm, GroupNorm,
+#: LayerNorm, and their subclasses).
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+def has_affine_norm(model: nn.Module) -> bool:
+    """Whether ``model`` has a :data:`NORM_TYPES` layer with an affine ``weight`` or ``bias``."""
+    return any(
+        isinstance(getattr(m, pname, None), nn.Parameter)
+        for m in model.modules()
+        if isinstance(m, NORM_TYPES)
+        for pname in ("weight", "bias")
+    )
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -109,9 +129,13 @@ def forward_and_adapt(
 class Tent(Method):
     """Tent: entropy minimisation over the normalization layers' affine parameters.
 
-    Definition (Wang et al., ICLR 2021): normalization layers in train mode (BatchNorm normalises
-    with the current batch's statistics and keeps no running statistics), all other layers in eval
-    mode; only the affine weight and bias of the BatchNorm/GroupNorm/LayerNorm layers are trained,
+    Definition (Wang et al., ICLR 2021; its LayerNorm/GroupNorm variant as in Niu et al., ICLR
+    2023): the trained parameters are exactly the affine weight and bias of every BatchNorm
+    (1d/2d/3d, SyncBatchNorm), GroupNorm and LayerNorm layer, subclasses included; every other
+    parameter (convolutions, linear and attention layers, embeddings, InstanceNorm, RMSNorm, ...)
+    is frozen. These normalization layers are in train mode, all other layers in eval mode:
+    BatchNorm normalises with the current batch's statistics and keeps no running statistics;
+    GroupNorm and LayerNorm normalise each sample with its own statistics as always. Training is
     by Adam (``lr``, ``betas``, weight decay 0) on the batch mean of the softmax entropy, ``steps``
     steps per batch; the prediction returned is the output of the forward that produced the (last)
     loss, i.e. before that step's update. Parameters and optimizer state persist across batches
@@ -126,6 +150,10 @@ class Tent(Method):
         betas: Adam betas (default (0.9, 0.999)).
         steps: optimisation steps per batch (default 1).
 
+    Raises:
+        ValueError: an invalid option, or a model with no BatchNorm/GroupNorm/LayerNorm layer
+            with affine parameters (nothing to adapt; see ``applies_to``).
+
     Example:
         >>> method = Tent(model)                            # doctest: +SKIP
         >>> logits = method(x)  # adapts on x, predicts x   # doctest: +SKIP
@@ -134,11 +162,13 @@ class Tent(Method):
 
     name = "tent"
     definition = (
-        "Entropy minimisation (Wang et al., ICLR 2021): normalization layers in train mode "
-        "(BatchNorm uses batch statistics and keeps none), other layers in eval mode; only the "
-        "affine weight and bias of BatchNorm/GroupNorm/LayerNorm layers are trained, with Adam "
-        "(lr, betas, weight decay 0) on the batch-mean softmax entropy, `steps` steps per batch, "
-        "and the prediction is the output of the forward that produced the (last) loss."
+        "Entropy minimisation (Wang et al., ICLR 2021; LayerNorm/GroupNorm variant as in Niu et "
+        "al., ICLR 2023): only the affine weight and bias of every BatchNorm, GroupNorm and "
+        "LayerNorm layer are trained, all other parameters frozen; these layers are in train mode "
+        "(BatchNorm uses batch statistics and keeps none; GroupNorm/LayerNorm use each sample's "
+        "own statistics as always), other layers in eval mode; Adam (lr, betas, weight decay 0) "
+        "on the batch-mean softmax entropy, `steps` steps per batch, and the prediction is the "
+        "output of the forward that produced the (last) loss."
     )
 
     def __init__(
@@ -156,6 +186,7 @@ class Tent(Method):
             raise ValueError(f"betas is expected to be two numbers in [0, 1), got {betas}")
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps is expected to be an integer >= 1, got {steps!r}")
+        self._refuse_if_not_applicable(model, {})
         super().__init__(model)
         configure_model(self.model)
         check_model(self.model)
@@ -164,6 +195,15 @@ class Tent(Method):
         self.steps = int(steps)
         self._options = {"lr": lr, "betas": list(betas), "steps": self.steps}
         self._save_initial_state()
+
+    @classmethod
+    def _not_applicable(cls, model: nn.Module, options: dict) -> str | None:
+        if has_affine_norm(model):
+            return None
+        return (
+            "tent adapts the affine weight and bias of normalization layers (BatchNorm, GroupNorm, "
+            f"LayerNorm) and the model has none with affine parameters ({describe_norm_layers(model)})"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(False), torch.enable_grad():
