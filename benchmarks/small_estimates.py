@@ -14,7 +14,8 @@ Fashion-MNIST test images (never seen by the fit), for three kinds of sites:
 For every batch size and DMC setting it prints the argmax agreement with the plain model (%) and
 the mean absolute logit change relative to the mean absolute logit. Run::
 
-    .venv/bin/python benchmarks/small_estimates.py [--images 2048] [--threads 2]
+    .venv/bin/python benchmarks/small_estimates.py --images 1024 --fit-images 5000 \
+        --batch-sizes 16,64,256 --settings "prior-values:0;default;prior-values:1024"
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def main() -> None:
     parser.add_argument("--fit-images", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", default="16,32,64,128,256")
-    parser.add_argument("--settings", default="batch;prior:16;prior-values:256;prior-values:1024",
-                        help="';'-separated DMC settings: batch, prior:N0, prior-values:V0")
+    parser.add_argument("--settings", default="prior-values:0;default;prior-values:1024",
+                        help="';'-separated DMC settings: default (DMC's defaults), prior:N0 (the "
+                        "prior estimate), prior-values:V0 (the batch estimate with V0)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_fashion_mnist()
@@ -102,7 +104,7 @@ def main() -> None:
 
 def parse_setting(setting: str) -> dict:
     name, _, value = setting.partition(":")
-    if name == "batch":
+    if name == "default":
         return {}
     if name == "prior":
         return {"estimate": "prior", "prior": float(value)}

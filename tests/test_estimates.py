@@ -291,13 +291,25 @@ def test_prior_values_zero_is_batch_and_large_is_near_identity():
     with torch.no_grad():
         plain = model(x)
         for mode in dmc.MODES:
-            with dmc.corrected(model, stats, mode=mode) as m:
-                batch = m(x)
             with dmc.corrected(model, stats, mode=mode, prior_values=0) as m:
-                assert torch.equal(m(x), batch)
+                batch = m(x)
             with dmc.corrected(model, stats, mode=mode, prior_values=1e9) as m:
                 near = m(x)
             assert (near - plain).abs().max() < 0.05 < (batch - plain).abs().max()
+            # the default at a B×C site is AUTO_PRIOR_VALUES
+            with dmc.corrected(model, stats, mode=mode) as m:
+                auto = m(x)
+            with dmc.corrected(model, stats, mode=mode, prior_values=256) as m:
+                assert torch.equal(m(x), auto)
+
+
+def test_prior_values_default_leaves_spatial_sites_to_the_batch(net_and_stats):
+    model, stats = net_and_stats
+    x = shifted(images(16, 5), 0)
+    with torch.no_grad():
+        for mode in dmc.MODES:  # site "1" is spatial: the default adds no value prior there
+            default = site_output(model, stats, x, mode=mode)
+            assert torch.equal(default, site_output(model, stats, x, mode=mode, prior_values=0))
 
 
 def test_prior_values_weight_is_values_per_channel():
@@ -310,6 +322,7 @@ def test_prior_values_weight_is_values_per_channel():
     with torch.no_grad():
         with dmc.corrected(model, stats, mode="exact", prior_values=32) as m:
             a = m(x)
-        with dmc.corrected(model, stats, mode="exact", estimate="prior", prior=32) as m:
+        with dmc.corrected(model, stats, mode="exact", estimate="prior", prior=32,
+                           prior_values=0) as m:
             b = m(x)
     torch.testing.assert_close(a, b)

@@ -446,7 +446,8 @@ def test_dmc_adapt_bn_invisible_to_exact_full_correction(fitted):
     x = batches(1)[0]
     with torch.no_grad():
         out = {
-            (a, s): methods.build("dmc", model, stats=stats, mode="exact", strength=s, adapt_bn=a)(
+            (a, s): methods.build("dmc", model, stats=stats, mode="exact", strength=s, adapt_bn=a,
+                          prior_values=0)(
                 x
             )
             for a in (False, True)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .fit import per_sample_rows
-from .options import DMCOptions, SiteOptions
+from .options import AUTO_PRIOR_VALUES, DMCOptions, SiteOptions
 from .sites import register_output_hooks
 from .sketch import gather_positions, sample_positions
 from .stats_io import ReferenceStats
@@ -51,6 +51,7 @@ __all__ = [
     "ShapeCache",
     "ExactTransport",
     "GridTransport",
+    "values_weight",
     "BatchEstimate",
     "PriorEstimate",
     "EMAEstimate",
@@ -251,22 +252,33 @@ def _blend(site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache,
     return transport.through(output, axis, q_test, q_ref, context, cache)
 
 
+def values_weight(output: Tensor, axis: int, prior_values: float | None) -> float:
+    """The reference's weight ``V0/(n + V0)`` in the batch's quantile function, ``n`` the batch's
+    values per channel (``None``: `AUTO_PRIOR_VALUES` where each image has one value per channel,
+    else 0); 0 below `MIN_BLEND_WEIGHT`."""
+    values = output.numel() / output.shape[axis]
+    v0 = prior_values
+    if v0 is None:
+        v0 = AUTO_PRIOR_VALUES if values == output.shape[0] else 0.0
+    weight = v0 / (v0 + values) if v0 > 0 else 0.0
+    return weight if weight >= MIN_BLEND_WEIGHT else 0.0
+
+
 class BatchEstimate:
-    """``batch``: the current batch's values of each channel; with ``prior_values = V0 > 0``,
-    blended with the reference as ``(n·Q_batch + V0·Q_ref)/(n + V0)``, ``n`` the batch's values
-    per channel."""
+    """``batch``: the current batch's values of each channel, as the quantile function
+    ``(n·Q_batch + V0·Q_ref)/(n + V0)`` with ``V0`` = ``prior_values`` (see `values_weight`):
+    ``V0 = 0`` is the plain transport of the batch."""
 
     name = "batch"
     fallback: str | None = None
 
-    def __init__(self, prior_values: float = 0.0):
+    def __init__(self, prior_values: float | None = None):
         self.prior_values = prior_values
 
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
-        if self.prior_values > 0:
-            weight = self.prior_values / (self.prior_values + output.numel() / output.shape[axis])
-            if weight >= MIN_BLEND_WEIGHT:
-                return _blend(site, output, axis, transport, cache, weight)
+        weight = values_weight(output, axis, self.prior_values)
+        if weight > 0:
+            return _blend(site, output, axis, transport, cache, weight)
         return transport.match(output, axis, site.table(output.device), cache)
 
     def reset(self) -> None:
@@ -274,21 +286,25 @@ class BatchEstimate:
 
 
 class PriorEstimate:
-    """``prior``: ``(n·Q_batch + N0·Q_ref)/(n + N0)``, ``n`` the batch size (N0 = 0: ``batch``;
-    N0 = ∞: the identity). A channel without finite values keeps ``Q_ref``."""
+    """``prior``: ``(n·Q̂_batch + N0·Q_ref)/(n + N0)``, ``n`` the batch size and ``Q̂_batch`` the
+    ``batch`` estimate's quantile function (N0 = 0: ``batch``; N0 = ∞: the identity). A channel
+    without finite values keeps ``Q_ref``."""
 
     name = "prior"
     fallback: str | None = None
 
-    def __init__(self, prior: float):
+    def __init__(self, prior: float, prior_values: float | None = None):
         self.prior = prior
+        self.batch = BatchEstimate(prior_values)
 
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
         if self.prior == 0:
-            return transport.match(output, axis, site.table(output.device), cache)
+            return self.batch.correct(site, output, axis, transport, cache)
         if math.isinf(self.prior):
             return output
-        return _blend(site, output, axis, transport, cache, self.prior / (self.prior + output.shape[0]))
+        keep = (1 - values_weight(output, axis, self.batch.prior_values)) * (
+            output.shape[0] / (self.prior + output.shape[0]))
+        return _blend(site, output, axis, transport, cache, 1 - keep)
 
     def reset(self) -> None:
         """Nothing to forget: the estimate has no state."""
@@ -301,15 +317,19 @@ class EMAEstimate:
     name = "ema"
     fallback: str | None = None
 
-    def __init__(self, momentum: float):
+    def __init__(self, momentum: float, prior_values: float | None = None):
         self.momentum = momentum
+        self.batch = BatchEstimate(prior_values)
         self.state: Tensor | None = None
 
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
         if self.momentum == 1.0:
-            return transport.match(output, axis, site.table(output.device), cache)
+            return self.batch.correct(site, output, axis, transport, cache)
         q_ref = site.table(output.device, levels=transport.blend_levels(site.stats.levels))
         q_batch, context = transport.batch_quantiles(output, axis, q_ref.shape[1], cache)
+        weight = values_weight(output, axis, self.batch.prior_values)
+        if weight > 0:  # the batch estimate's quantile function
+            q_batch = torch.lerp(q_batch, q_ref, weight)
         previous = q_ref if self.state is None else self.state.to(q_ref.device)
         q_test = torch.where(q_batch.isnan(), previous, torch.lerp(previous, q_batch, self.momentum))
         self.state = _persistent(q_test.clone)
@@ -357,13 +377,14 @@ def _make_estimate(name: str, site: str, options: DMCOptions, stats: ReferenceSt
     if name == "batch":
         return BatchEstimate(options.prior_values)
     if name == "prior":
-        return PriorEstimate(options.prior)
+        return PriorEstimate(options.prior, options.prior_values)
     if name == "ema":
-        return EMAEstimate(options.momentum)
+        return EMAEstimate(options.momentum, options.prior_values)
     always = None
     if site not in stats.per_sample:
         always = "prior: fewer than 2 positions per sample at fit time"
-    return PerSampleEstimate(options.min_positions, PriorEstimate(options.prior), always)
+    return PerSampleEstimate(options.min_positions, PriorEstimate(options.prior, options.prior_values),
+                             always)
 
 
 def _as_stats(stats, model: nn.Module) -> ReferenceStats:
