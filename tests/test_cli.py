@@ -372,3 +372,12 @@ def test_parse_channel_axes():
     for bad in ("x", "a=b", "=1", ","):
         with pytest.raises(ValueError, match="--channel-axes"):
             parse_channel_axes(bad)
+
+
+def test_python_dash_m_is_the_dmc_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "torch_dmc", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("dmc ")

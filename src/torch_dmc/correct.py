@@ -107,6 +107,7 @@ class ShapeCache:
         return self._get(("grid", tuple(shape), axis, device), lambda: lut_grid(shape, axis, device))
 
     def clear(self) -> None:
+        """Forget every buffer."""
         self._items.clear()
 
     def __len__(self) -> int:
@@ -222,20 +223,24 @@ class GridTransport:
         return apply_lut(output, lut, axis, cache.grid(output.shape, axis, output.device))
 
     def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache) -> Tensor:
+        """The batch's values of every channel matched to ``q_ref`` through the tabulated map."""
         values = self._values(output, axis, cache)
         return self._apply(output, axis, lut_from_sample(values, q_ref, self._size(values)), cache)
 
     def match_rows(self, rows: Tensor, q_ref: Tensor) -> Tensor:
+        """Every ``B·C`` (sample, channel) row matched on its own, all its positions used."""
         return apply_lut(rows, lut_from_sample(rows, q_ref, self._size(rows)), channel_axis=0)
 
     def batch_quantiles(self, output: Tensor, axis: int, levels: int, cache: ShapeCache):
-        values = self._values(output, axis, cache)  # from a histogram: no sort
+        """The batch's quantile table from the histogram (no sort), and its knots as context."""
+        values = self._values(output, axis, cache)
         size = self._size(values)
         lo, step, level = histogram_levels(values, size)
         return histogram_quantiles(lo, step, level, levels), (lo, step, size)
 
     def through(self, output: Tensor, axis: int, q_test: Tensor, q_ref: Tensor, context,
                 cache: ShapeCache) -> Tensor:
+        """``x ↦ Q_ref(F_test(x))`` tabulated at the batch's knots and looked up."""
         lo, step, size = context
         return self._apply(output, axis, lut_from_quantiles(q_test, q_ref, lo, step, size), cache)
 
