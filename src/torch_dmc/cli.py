@@ -230,12 +230,17 @@ def _run_demo(args) -> int:
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train the default architecture (seeded)",
-                       description="Train the default small ResNet on Fashion-MNIST or on an .npz "
-                       "(x_train, y_train, x_test, y_test) and save it as a model folder.")
+    p = sub.add_parser("train", help="train one of the shipped architectures (seeded)",
+                       description="Train a small classifier (--arch: resnet, the BatchNorm ResNet; "
+                       "resnet-gn, the same with GroupNorm; vit, a small ViT with LayerNorm) on "
+                       "Fashion-MNIST or on an .npz (x_train, y_train, x_test, y_test) and save it "
+                       "as a model folder.")
+    p.add_argument("--arch", default="resnet", choices=("resnet", "resnet-gn", "vit"),
+                   help="architecture (default resnet); its training recipe is "
+                   "torch_dmc.models.training.ARCH_DEFAULTS")
     p.add_argument("--data", default=None, metavar="PATH.npz", help="default: Fashion-MNIST")
     p.add_argument("--out", required=True, metavar="DIR", help="model folder to write")
-    p.add_argument("--epochs", type=int, default=None, help="default: the shipped model's")
+    p.add_argument("--epochs", type=int, default=None, help="default: the architecture's recipe")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -247,7 +252,7 @@ def _run_train(args) -> int:
     if args.data is not None:
         require_path(args.data, "--data", NPZ_EXPECTED)
     check_out(args.out, folder=True)
-    kwargs = {"seed": args.seed}
+    kwargs = {"seed": args.seed, "arch": args.arch}
     if args.epochs is not None:
         kwargs["epochs"] = args.epochs
     train_main(args.data, args.out, **kwargs)

@@ -16,8 +16,18 @@ from typing import Any
 from torch import nn
 
 from .resnet import SmallResNet
+from .vit import SmallViT
 
-__all__ = ["save_model", "load_model", "load_default", "sha256_file", "DEFAULT_WEIGHTS"]
+__all__ = [
+    "save_model",
+    "load_model",
+    "load_default",
+    "load",
+    "default_files",
+    "sha256_file",
+    "DEFAULT_WEIGHTS",
+    "SHIPPED",
+]
 
 FORMAT = "torch-dmc-model"
 FORMAT_VERSION = 1
@@ -25,8 +35,14 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 #: The shipped Fashion-MNIST model, inside the package: ``weights/<name>.safetensors`` and ``.json``.
 DEFAULT_WEIGHTS = "fmnist_resnet"
+#: The shipped Fashion-MNIST models: name for :func:`load` → file stem under ``weights/``.
+SHIPPED: dict[str, str] = {
+    "resnet": DEFAULT_WEIGHTS,  # SmallResNet, BatchNorm
+    "resnet-gn": "fmnist_resnet_gn",  # SmallResNet(norm="group"), GroupNorm
+    "vit": "fmnist_vit",  # SmallViT, LayerNorm
+}
 
-_ARCHITECTURES: dict[str, type[nn.Module]] = {"SmallResNet": SmallResNet}
+_ARCHITECTURES: dict[str, type[nn.Module]] = {"SmallResNet": SmallResNet, "SmallViT": SmallViT}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -42,7 +58,8 @@ def save_model(model: nn.Module, directory: str | Path, *, metadata: dict[str, A
     """Write ``model.safetensors`` and ``model.json`` into ``directory`` (created if needed).
 
     Args:
-        model: a :class:`SmallResNet` (the architectures this package can rebuild).
+        model: a :class:`SmallResNet` or :class:`SmallViT` (the architectures this package can
+            rebuild).
         directory: the output folder; existing ``model.*`` files are replaced.
         metadata: extra JSON-serialisable information stored under ``"training"`` in
             ``model.json`` (e.g. the training command and the clean test error).
@@ -176,14 +193,22 @@ def load_model(directory: str | Path, *, verify: bool = True) -> nn.Module:
     return _load(directory / WEIGHTS_NAME, directory / CONFIG_NAME, verify=verify)
 
 
-def default_files() -> tuple[Path, Path]:
-    """Paths of the shipped weights: ``(…/fmnist_resnet.safetensors, …/fmnist_resnet.json)``."""
+def default_files(name: str = "resnet") -> tuple[Path, Path]:
+    """Paths of shipped weights, e.g. ``(…/fmnist_resnet.safetensors, …/fmnist_resnet.json)``.
+
+    Args:
+        name: a key of :data:`SHIPPED` (``"resnet"``, ``"resnet-gn"``, ``"vit"``).
+    """
+    if name not in SHIPPED:
+        raise ValueError(f"no shipped model {name!r}; expected one of {sorted(SHIPPED)}.")
     base = Path(str(resources.files("torch_dmc.models") / "weights"))
-    return base / f"{DEFAULT_WEIGHTS}.safetensors", base / f"{DEFAULT_WEIGHTS}.json"
+    return base / f"{SHIPPED[name]}.safetensors", base / f"{SHIPPED[name]}.json"
 
 
 def load_default() -> nn.Module:
     """The shipped Fashion-MNIST :class:`SmallResNet` (see ``weights/fmnist_resnet.json``).
+
+    Same as ``load("resnet")``.
 
     Returns:
         The model in eval mode; input ``N×1×28×28`` in ``[0, 1]``, output ``N×10`` logits.
@@ -191,7 +216,26 @@ def load_default() -> nn.Module:
     Raises:
         FileNotFoundError: the package was installed without its weights.
     """
-    weights, config = default_files()
+    return load("resnet")
+
+
+def load(name: str = "resnet") -> nn.Module:
+    """A shipped Fashion-MNIST model, by name (see ``weights/<file>.json`` for its training record).
+
+    Args:
+        name: ``"resnet"`` (:class:`SmallResNet` with BatchNorm, the default model),
+            ``"resnet-gn"`` (:class:`SmallResNet` with GroupNorm) or ``"vit"`` (:class:`SmallViT`,
+            LayerNorm).
+
+    Returns:
+        The model in eval mode, weights checked against their SHA-256; input ``N×1×28×28`` in
+        ``[0, 1]``, output ``N×10`` logits.
+
+    Raises:
+        ValueError: unknown name.
+        FileNotFoundError: the package was installed without these weights.
+    """
+    weights, config = default_files(name)
     if not weights.is_file() or not config.is_file():
         raise FileNotFoundError(
             f"the shipped weights {weights.name} / {config.name} are missing from {weights.parent}; "
