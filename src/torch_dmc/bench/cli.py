@@ -219,7 +219,8 @@ def applicable_defaults(names: list[str], model: torch.nn.Module, flag: str) -> 
     kept = [n for n in names if methods_mod.METHODS[n].applies_to(model) is None]
     dropped = [n for n in names if n not in kept]
     if dropped:
-        print(f"note: {flag} default: leaving out {', '.join(dropped)}, which do(es) not apply to "
+        verb = "does" if len(dropped) == 1 else "do"
+        print(f"note: {flag} default: leaving out {', '.join(dropped)}, which {verb} not apply to "
               f"this model ({methods_mod.METHODS[dropped[0]].applies_to(model)})", file=sys.stderr)
     return kept
 
