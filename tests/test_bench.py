@@ -814,3 +814,17 @@ def test_cli_model_folder(tmp_path):
     assert cli.run_bench(bench_args(*argv, "--resume")) == 0
     assert (out / "results.csv").read_text() == before
     assert len(json.loads((out / "config.json").read_text())["sessions"]) == 2
+
+
+def test_groupnorm_models_stay_out_of_channels_last(data, tmp_path):
+    # torch's CPU GroupNorm backward crashes (segfault) on a channels-last input that needs no
+    # gradient (tent's case): auto keeps a GroupNorm model in its own layout, "on" is refused
+    torch.manual_seed(0)
+    gn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(),
+                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    assert runner.channels_last_unsafe(gn) and not runner.channels_last_unsafe(tiny_model())
+    p = small_protocol(methods=["source", "tent"], corruptions=["contrast"])
+    config = run(p, tmp_path / "auto", gn, data, tmp_path)
+    assert config["execution"]["channels_last"] is False
+    with pytest.raises(ValueError, match="GroupNorm"):
+        run(p, tmp_path / "on", gn, data, tmp_path, channels_last=True)

@@ -282,6 +282,13 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def channels_last_unsafe(model: nn.Module) -> bool:
+    """Whether the model has a GroupNorm layer: torch 2.13's CPU GroupNorm backward crashes
+    (segmentation fault) on a channels-last input that does not require gradients — tent's case —
+    so ``--channels-last auto`` keeps such models in their own layout."""
+    return any(isinstance(m, nn.GroupNorm) for m in model.modules())
+
+
 def check_methods_apply(protocol: Protocol, model: nn.Module) -> None:
     """Refuse, before any fit or cell, a method that does not apply to ``model``.
 
@@ -408,7 +415,12 @@ def run_benchmark(
             f"{_model_device(net)}; use one job on an accelerator."
         )
     if channels_last is None:
-        channels_last = on_cpu and data.x_test.ndim in (3, 4)
+        channels_last = on_cpu and data.x_test.ndim in (3, 4) and not channels_last_unsafe(net)
+    elif channels_last and channels_last_unsafe(net):
+        raise ValueError(
+            "--channels-last on: the model has GroupNorm layers, and torch's CPU GroupNorm backward "
+            "crashes (segmentation fault) on channels-last inputs, which a method with gradients "
+            "(tent) runs; use --channels-last off or auto")
     if channels_last:  # a copy: the caller's model keeps its layout
         net = copy.deepcopy(net).to(memory_format=torch.channels_last)
 
