@@ -717,3 +717,24 @@ def test_bench_refuses_bn_on_vit_before_fitting(tmp_path):
         runner.check_methods_apply(
             Protocol(methods=["dmc"], method_options={"dmc": {"adapt_bn": True}}), model
         )
+
+
+def test_tent_on_a_channels_last_groupnorm_model_does_not_crash():
+    # torch 2.13's CPU GroupNorm backward segfaults on channels-last activations that need no
+    # gradient; Tent keeps GroupNorm models contiguous. Run in a subprocess: a crash kills it.
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from torch import nn\n"
+        "from torch_dmc import methods\n"
+        "torch.manual_seed(0)\n"
+        "m = nn.Sequential(nn.Conv2d(1, 24, 3, padding=1), nn.GroupNorm(8, 24), nn.Flatten(),\n"
+        "                  nn.Linear(24 * 28 * 28, 10)).to(memory_format=torch.channels_last)\n"
+        "x = torch.rand(64, 1, 28, 28).to(memory_format=torch.channels_last)\n"
+        "print(methods.build('tent', m)(x).shape)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert "torch.Size([64, 10])" in out.stdout

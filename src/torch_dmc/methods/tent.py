@@ -188,6 +188,11 @@ class Tent(Method):
             raise ValueError(f"steps is expected to be an integer >= 1, got {steps!r}")
         self._refuse_if_not_applicable(model, {})
         super().__init__(model)
+        # torch 2.13's CPU GroupNorm backward crashes (segfault) on channels-last activations:
+        # a GroupNorm model is kept in the contiguous layout (same values up to rounding)
+        self._groupnorm = any(isinstance(m, nn.GroupNorm) for m in self.model.modules())
+        if self._groupnorm:
+            self.model.to(memory_format=torch.contiguous_format)
         configure_model(self.model)
         check_model(self.model)
         params, self.param_names = collect_params(self.model)
@@ -206,6 +211,10 @@ class Tent(Method):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._groupnorm and x.dim() == 4:
+            # torch 2.13's CPU GroupNorm backward crashes (segfault) on channels-last inputs; a
+            # clone also resets the strides of a 1-channel image that only looks contiguous
+            x = x.clone(memory_format=torch.contiguous_format)
         with torch.inference_mode(False), torch.enable_grad():
             if x.is_inference():
                 x = x.clone()
