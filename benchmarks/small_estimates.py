@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--fit-images", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-sizes", default="16,32,64,128,256")
+    parser.add_argument("--models", default="resnet,vit,mlp",
+                        help="which of resnet (spatial sites), vit (tokens), mlp (B×C) to measure")
     parser.add_argument("--settings", default="prior-values:0;default;prior-values:1024",
                         help="';'-separated DMC settings: default (DMC's defaults), prior:N0 (the "
                         "prior estimate), prior-values:V0 (the batch estimate with V0)")
@@ -80,13 +82,16 @@ def main() -> None:
     x_train, y_train = to_float(data.x_train), torch.from_numpy(data.y_train).long()
     x_test = to_float(data.x_test[: args.images])
     fit_x = x_train[: args.fit_images]
-    models = {"spatial (SmallResNet)": dmc_models_load("resnet")}
-    vit = dmc_models_load("vit")
-    if vit is not None:
-        models["tokens (SmallViT)"] = vit
-    t0 = time.perf_counter()
-    models["(B,C) (MLP)"] = train_mlp(x_train, y_train)
-    print(f"MLP trained in {time.perf_counter() - t0:.0f} s")
+    chosen = args.models.split(",")
+    models = {}
+    if "resnet" in chosen:
+        models["spatial (SmallResNet)"] = dmc_models_load("resnet")
+    if "vit" in chosen:
+        models["tokens (SmallViT)"] = dmc_models_load("vit")
+    if "mlp" in chosen:
+        t0 = time.perf_counter()
+        models["(B,C) (MLP)"] = train_mlp(x_train, y_train)
+        print(f"MLP trained in {time.perf_counter() - t0:.0f} s")
     settings = [s.strip() for s in args.settings.split(";")]
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     print("| sites | setting | " + " | ".join(f"B={b}" for b in sizes) + " |")
@@ -118,12 +123,7 @@ def dmc_models_load(name: str):
 
     if name == "resnet":
         return models.load_default()
-    if hasattr(models, "load"):
-        try:
-            return models.load(name)
-        except (ValueError, FileNotFoundError, KeyError):
-            return None
-    return None
+    return models.load(name)
 
 
 if __name__ == "__main__":
