@@ -120,10 +120,7 @@ class SmallResNet(nn.Module):
         widths = [int(w) for w in widths]
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be 3 positive integers; found {widths}.")
-        mean_t = self._per_channel("mean", mean, in_channels)
-        std_t = self._per_channel("std", std, in_channels)
-        if (std_t <= 0).any():
-            raise ValueError(f"std must be positive; found {std_t.tolist()}.")
+        mean_t, std_t = input_normalization(mean, std, in_channels)
         self.config = {
             "in_channels": int(in_channels),
             "num_classes": int(num_classes),
@@ -149,15 +146,6 @@ class SmallResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         for block in (self.layer1, self.layer2, self.layer3):  # residual branch starts near zero
             nn.init.zeros_(block.bn2.weight)
-
-    @staticmethod
-    def _per_channel(name: str, value: float | Sequence[float], channels: int) -> torch.Tensor:
-        t = torch.as_tensor(value, dtype=torch.float32).flatten()
-        if t.numel() == 1:
-            t = t.repeat(channels)
-        if t.numel() != channels:
-            raise ValueError(f"{name} must have 1 or in_channels={channels} values; found {t.numel()}.")
-        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``N×C×H×W`` images in ``[0, 1]`` → ``N×K`` logits."""
@@ -189,3 +177,24 @@ def build_default(
         A freshly initialised model, ``N×C×H×W`` → ``N×K``.
     """
     return SmallResNet(in_channels=in_channels, num_classes=num_classes, mean=mean, std=std)
+
+
+def input_normalization(mean: float | Sequence[float], std: float | Sequence[float],
+                        channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``mean`` and ``std`` tensors (``C`` each) from one value or ``C`` values.
+
+    Raises:
+        ValueError: not 1 or ``channels`` values, or a ``std`` that is not positive.
+    """
+    def per_channel(name: str, value: float | Sequence[float]) -> torch.Tensor:
+        t = torch.as_tensor(value, dtype=torch.float32).flatten()
+        if t.numel() == 1:
+            t = t.repeat(channels)
+        if t.numel() != channels:
+            raise ValueError(f"{name} must have 1 or in_channels={channels} values; found {t.numel()}.")
+        return t
+
+    mean_t, std_t = per_channel("mean", mean), per_channel("std", std)
+    if (std_t <= 0).any():
+        raise ValueError(f"std must be positive; found {std_t.tolist()}.")
+    return mean_t, std_t

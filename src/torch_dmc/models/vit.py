@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .resnet import input_normalization
+
 __all__ = ["Attention", "Mlp", "TransformerBlock", "SmallViT"]
 
 
@@ -134,10 +136,7 @@ class SmallViT(nn.Module):
             )
         if pool not in ("mean", "cls"):
             raise ValueError(f"pool must be 'mean' or 'cls'; found {pool!r}.")
-        mean_t = _per_channel("mean", mean, in_channels)
-        std_t = _per_channel("std", std, in_channels)
-        if (std_t <= 0).any():
-            raise ValueError(f"std must be positive; found {std_t.tolist()}.")
+        mean_t, std_t = input_normalization(mean, std, in_channels)
         self.config = {
             "in_channels": int(in_channels),
             "num_classes": int(num_classes),
@@ -190,12 +189,3 @@ class SmallViT(nn.Module):
         x = self.norm(x)
         x = x[:, 0] if self.cls_token is not None else x.mean(dim=1)
         return self.head(x)
-
-
-def _per_channel(name: str, value: float | Sequence[float], channels: int) -> torch.Tensor:
-    t = torch.as_tensor(value, dtype=torch.float32).flatten()
-    if t.numel() == 1:
-        t = t.repeat(channels)
-    if t.numel() != channels:
-        raise ValueError(f"{name} must have 1 or in_channels={channels} values; found {t.numel()}.")
-    return t
