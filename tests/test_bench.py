@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from torch_dmc import ReferenceStats
-from torch_dmc.bench import cli, runner
+from torch_dmc.bench import cli, evaluate, runner
 from torch_dmc.bench.metrics import COLUMNS, TIMING_COLUMNS, Summary, done_cells, read_results
 from torch_dmc.bench.protocol import CLEAN, Cell, Protocol, parse_int_list
 from torch_dmc.bench.report import render_report
@@ -119,7 +119,7 @@ def test_units_clean_always_and_seeds():
     assert {c.seed for c in cells if c.severity == 5} == {0, 1}
     assert len(cells) == len(set(cells))
     # continual: one unit per (method, severity, batch, seed), all corruptions in order
-    pc = small_protocol(methods=["source"], severities=[3, 5], continual=True)
+    pc = small_protocol(methods=["source"], severities=[3, 5], setting="continual")
     units = [u for u in pc.units() if u.corruption != CLEAN]
     assert [u.corruptions for u in units] == [("gaussian_noise", "contrast")] * 2
     assert Protocol.from_dict(json.loads(json.dumps(pc.to_dict()))) == pc
@@ -339,7 +339,7 @@ def test_jobs_and_memory_layout_do_not_change_results(model, data, tmp_path):
     p = small_protocol(seeds=[0, 1])
     run(p, tmp_path / "one", model, data, tmp_path, channels_last=False)
     config = run(p, tmp_path / "two", model, data, tmp_path, jobs=2, channels_last=True)
-    assert config["execution"] == {"jobs": 2, "channels_last": True, "device": "cpu"}
+    assert config["execution"] == {"jobs": 2, "channels_last": True, "device": "cpu", "workers": 1}
 
     def cells(folder):
         rows = read_results(folder / "results.csv")
@@ -358,8 +358,8 @@ def test_resume_skips_finished_cells(model, data, tmp_path, monkeypatch):
     run(p, out, model, data, tmp_path)
     full = (out / "results.csv").read_text().splitlines()
     calls = []
-    real = runner.stream_errors
-    monkeypatch.setattr(runner, "stream_errors", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = evaluate.stream_errors
+    monkeypatch.setattr(evaluate, "stream_errors", lambda *a, **k: calls.append(1) or real(*a, **k))
     run(p, out, model, data, tmp_path, resume=True)
     assert calls == []
     assert (out / "results.csv").read_text().splitlines() == full
@@ -409,7 +409,7 @@ def test_label_shift_end_to_end(model, data, tmp_path):
     assert "## iid vs label-shifted streams" in report and "Δ label-shift-0.1 (pp)" in report
     assert "stream iid" in report and "(streams.png)" in report
     # continual: the order applies within each corruption segment; source is still unchanged
-    pc = small_protocol(methods=["source"], continual=True, streams=["label-shift-0.1"])
+    pc = small_protocol(methods=["source"], setting="continual", streams=["label-shift-0.1"])
     run(pc, tmp_path / "cont", model, data, tmp_path)
     cont = read_results(tmp_path / "cont" / "results.csv")
     assert {r["stream"] for r in cont} == {"label-shift-0.1"} and len(cont) == 3
@@ -459,8 +459,8 @@ def test_resume_old_results_without_stream_column(model, data, tmp_path, monkeyp
     assert "stream" not in (out / "results.csv").read_text().splitlines()[0]
     assert read_results(out / "results.csv") == new_rows  # read as iid rows
     calls = []
-    real = runner.stream_errors
-    monkeypatch.setattr(runner, "stream_errors", lambda *a, **k: calls.append(k["stream"]) or real(*a, **k))
+    real = evaluate.stream_errors
+    monkeypatch.setattr(evaluate, "stream_errors", lambda *a, **k: calls.append(k["stream"]) or real(*a, **k))
     run(p, out, model, data, tmp_path, resume=True)
     assert calls == []  # every (iid) cell is already there
     with open(out / "results.csv", newline="") as fh:
@@ -480,7 +480,7 @@ def test_resume_old_results_without_stream_column(model, data, tmp_path, monkeyp
 
 
 def test_continual(model, data, tmp_path):
-    p = small_protocol(methods=["source", "bn-ema"], continual=True)
+    p = small_protocol(methods=["source", "bn-ema"], setting="continual")
     run(p, tmp_path / "cont", model, data, tmp_path)
     run(small_protocol(methods=["source", "bn-ema"]), tmp_path / "epi", model, data, tmp_path)
     cont = {

@@ -159,7 +159,7 @@ def _cases(t):
                          "--images: expected a positive integer"),
         "bench jobs 0": (["bench", "--data", good, "--jobs", "0"],
                          "--jobs: expected a positive integer; found 0."),
-        "bench workers 0": (["bench", "--data", good, "--workers", "0"], "--workers"),
+        "bench workers -1": (["bench", "--data", good, "--workers", "-1"], "--workers"),
         "tune workers 0": (["tune", "--data", good, "--workers", "0"], "--workers"),
         "demo workers 0": (["demo", "--workers", "0", "--out", str(t / "demo")], "--workers"),
         "bench threads 0": (["bench", "--data", good, "--threads", "0"], "--threads"),

@@ -16,10 +16,10 @@ import contextlib
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from ._files import atomic_path
 from ._version import __version__
 
 __all__ = [
@@ -163,23 +163,6 @@ def new_outputs(*paths: str | os.PathLike, keep: Callable[[], bool] | None = Non
         raise
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed to ``path`` when the block succeeds.
-
-    A failed or interrupted write leaves neither a partial ``path`` nor the temporary file.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 # -- sub-commands ------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
     p = sub.add_parser(
@@ -267,12 +250,18 @@ def _add_fit(sub) -> None:
     from .bench.inputs import add_model_arguments
 
     add_model_arguments(p)
-    p.add_argument("--data", default=None, metavar="PATH.npz",
-                   help=".npz with x_train (uint8 images N×H×W or N×H×W×C; other arrays are not "
-                   "needed); default: Fashion-MNIST")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="training images: 'fmnist' (default), PATH.npz with x_train (uint8 images "
+                   "N×H×W or N×H×W×C; other arrays are not needed), cifar10:DIR, cifar100:DIR "
+                   "(binary version), imagefolder:DIR")
     p.add_argument("--out", required=True, metavar="FILE", help="stats file to write")
-    p.add_argument("--images", type=int, default=None, help="training images (default: all)")
-    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--images", type=int, default=None,
+                   help="training images (default: all; fewer: the seeded random subset that "
+                   "`dmc bench --fit-images N --fit-seed SEED` uses too)")
+    p.add_argument("--batch-size", type=int, default=500,
+                   help="images per batch (default 500, as dmc bench; another value gives other stats)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes decoding image files ahead (imagefolder; default 0)")
     p.add_argument("--levels", type=int, default=1024)
     p.add_argument("--sites", default="norm", help="'norm' or comma-separated name patterns")
     p.add_argument("--channel-axes", default=None, metavar="AXIS|PATTERN=AXIS,...",
@@ -287,38 +276,21 @@ def _add_fit(sub) -> None:
                    "doubles the fit's cost and the file's size")
 
 
-def _fit_images(path: str | None):
-    """The training images of ``dmc fit``: ``x_train`` of the ``.npz``, or Fashion-MNIST's."""
-    if path is None:
-        from .data.fashion_mnist import load_fashion_mnist
-
-        return load_fashion_mnist().x_train
-    from .data.arrays import load_npz_images
-
-    return load_npz_images(path, "x_train")
-
-
 def _run_fit(args) -> int:
-    import torch
-
-    from . import fit
+    from .bench.datasets import open_fit_images
+    from .bench.fitting import fit_reference
     from .bench.inputs import ModelSpec, check_model_fits, resolve_model
-    from .data.arrays import batches, to_tensor
 
-    check_int_flags(args, {"images": 1, "batch_size": 1, "levels": 2, "seed": 0})
-    if args.data is not None:
-        require_path(args.data, "--data", "an .npz with array x_train (uint8 images)")
+    check_int_flags(args, {"images": 1, "batch_size": 1, "levels": 2, "seed": 0, "workers": 0})
     out = check_out(args.out, folder=False)
     model = resolve_model(ModelSpec.from_args(args)).model  # a bad --model is reported here
-    x = _fit_images(args.data)
-    check_model_fits(model, x)
-    if args.images is not None and args.images < len(x):
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
-        x = x[idx[: args.images].sort().values.numpy()]
-    sites = site_patterns(args.sites)
-    stats = fit(model, batches(to_tensor(x), None, args.batch_size), sites=sites,
-                levels=args.levels, seed=args.seed, per_sample=args.per_sample,
-                skip_nonfinite=args.skip_nonfinite, channel_axes=parse_channel_axes(args.channel_axes))
+    _, images = open_fit_images(args.data, "--data")
+    check_model_fits(model, images.read([0, 1][: len(images)]))
+    stats = fit_reference(model, images, n=args.images, seed=args.seed, levels=args.levels,
+                          batch_size=args.batch_size, workers=args.workers,
+                          sites=site_patterns(args.sites), per_sample=args.per_sample,
+                          skip_nonfinite=args.skip_nonfinite,
+                          channel_axes=parse_channel_axes(args.channel_axes))
     with new_outputs(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:

@@ -25,10 +25,18 @@ from .. import methods as methods_mod
 from ..cli import check_int_flags, check_out, error_message, new_outputs, require_path, run_command
 from ..data import corruptions
 from ..data.arrays import NPZ_EXPECTED
+from ..data.specs import DataSpec
 from ..methods.base import has_batchnorm
 from . import provenance
 from .inputs import ModelSpec, add_model_arguments
-from .protocol import DEFAULT_METHODS, QUICK_CORRUPTIONS, Protocol, parse_int_list, parse_name_list
+from .protocol import (
+    DEFAULT_METHODS,
+    QUICK_CORRUPTIONS,
+    SETTINGS,
+    Protocol,
+    parse_int_list,
+    parse_name_list,
+)
 from .streams import IID, parse_stream_list, stream_name
 
 __all__ = ["add_bench_arguments", "run_bench", "add_tune_arguments", "run_tune"]
@@ -37,7 +45,7 @@ __all__ = ["add_bench_arguments", "run_bench", "add_tune_arguments", "run_tune"]
 RUNS_DIR = Path("runs")
 
 #: The least valid value of each integer flag (``--n-test`` → ``n_test``).
-BENCH_MINIMUMS = {"n_test": 1, "fit_images": 1, "fit_levels": 2, "gen_seed": 0, "workers": 1,
+BENCH_MINIMUMS = {"n_test": 1, "fit_images": 1, "fit_levels": 2, "gen_seed": 0, "workers": 0,
                   "jobs": 1, "threads": 1}
 TUNE_MINIMUMS = {"n_test": 1, "batch_size": 1, "seed": 0, "fit_images": 1, "fit_levels": 2,
                  "gen_seed": 0, "workers": 1, "threads": 1}
@@ -57,10 +65,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument(
         "--data",
-        metavar="PATH.npz",
+        metavar="SPEC",
         default=None,
-        help=".npz with x_train, y_train, x_test, y_test (uint8 images N×H×W or "
-        "N×H×W×C, integer labels); default: Fashion-MNIST",
+        help="test data: 'fmnist' (default), PATH.npz (x_train, y_train, x_test, y_test; "
+        "corruptions generated), cifar10-c:DIR, cifar100-c:DIR, imagenet-c:DIR, "
+        "tiny-imagenet-c:DIR (docs/protocol.md § Data)",
     )
     parser.add_argument(
         "--gen-seed",
@@ -68,7 +77,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="corruption generation seed: fixes every corrupted image (default 0)",
     )
-    parser.add_argument("--workers", type=int, default=2, help="processes generating corruptions (default 2)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes generating corruptions or decoding image files (default 2)")
     parser.add_argument(
         "--cache",
         metavar="DIR",
@@ -140,11 +150,39 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SEVERITIES",
         help="severities (0 = clean) that get every seed; the others get the first seed only (default: all)",
     )
-    parser.add_argument("--n-test", type=int, default=None, help="use the first N test images (default: all)")
+    parser.add_argument("--n-test", type=int, default=None,
+                        help="use the first N test images (image trees: a seeded subset of N; "
+                        "default: all)")
     parser.add_argument(
-        "--continual",
-        action="store_true",
-        help="one stream per severity through all corruptions, without reset",
+        "--protocol",
+        choices=SETTINGS,
+        default=None,
+        help="episodic (default: a fresh method per cell), continual (one stream per severity "
+        "through all corruptions, without reset) or mixed (one stream per severity whose batches "
+        "mix all corruptions' images, without reset)",
+    )
+    parser.add_argument("--continual", action="store_true", help="the same as --protocol continual")
+    parser.add_argument(
+        "--clean-data",
+        metavar="SPEC",
+        default=None,
+        help="clean test set for the clean cells: cifar10:DIR, cifar100:DIR (binary version), "
+        "imagefolder:DIR, PATH.npz, fmnist (default: the --data spec's own clean images, if any; "
+        "else no clean cells)",
+    )
+    parser.add_argument(
+        "--fit-data",
+        metavar="SPEC",
+        default=None,
+        help="training images the DMC reference is fitted on: cifar10:DIR, cifar100:DIR, "
+        "imagefolder:DIR, PATH.npz, fmnist (default: the --data spec's training split, if any)",
+    )
+    parser.add_argument(
+        "--image-ids",
+        metavar="FILE",
+        default=None,
+        help="image-tree data: use only the images listed (one id per line, relative to a "
+        "corruption/severity folder, e.g. n01440764/ILSVRC2012_val_00000293.JPEG)",
     )
     parser.add_argument(
         "--out",
@@ -330,16 +368,37 @@ def bench_protocol(args) -> tuple[Protocol, dict | None]:
         if args.all_seeds_at is None
         else parse_int_list(args.all_seeds_at, "--all-seeds-at", low=0, high=5),
         n_test=pick("n_test", None),
-        continual=bool(args.continual),
+        setting=_setting(args),
         gen_seed=int(args.gen_seed),
         fit_images=pick("fit_images", None),
         fit_levels=int(args.fit_levels),
         method_options=options,
         model=ModelSpec.from_args(args).model,
-        data=None if args.data is None else str(args.data),
+        data=_spec_text(args.data, "--data"),
+        clean_data=_spec_text(getattr(args, "clean_data", None), "--clean-data"),
+        fit_data=_spec_text(getattr(args, "fit_data", None), "--fit-data"),
+        image_ids=getattr(args, "image_ids", None),
         quick=quick,
     )
     return protocol, method_config
+
+
+def _setting(args) -> str:
+    """``--protocol`` (``--continual`` is the same as ``--protocol continual``)."""
+    chosen = getattr(args, "protocol", None)
+    if getattr(args, "continual", False):
+        if chosen not in (None, "continual"):
+            raise ValueError(f"--continual and --protocol {chosen} contradict each other; give one.")
+        return "continual"
+    return chosen or "episodic"
+
+
+def _spec_text(text: str | None, flag: str) -> str | None:
+    """A data spec as recorded (``None`` for the default, Fashion-MNIST); checked now."""
+    if text is None:
+        return None
+    spec = DataSpec.parse(text, flag)
+    return None if spec.kind == "fmnist" and flag == "--data" else str(spec)
 
 
 def run_bench(args: argparse.Namespace, command: str = "bench") -> int:
@@ -363,7 +422,7 @@ def _holds_results(out: Path) -> bool:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .runner import resolve_data, resolve_model, run_benchmark
+    from .runner import resolve_model, run_benchmark
 
     check_int_flags(args, BENCH_MINIMUMS)
     protocol, method_config = bench_protocol(args)
@@ -373,8 +432,8 @@ def _bench(args: argparse.Namespace) -> int:
     check_device(args.device)
     if args.stats is not None:
         require_path(args.stats, "--stats", _STATS_FILE)
-    if args.data is not None:
-        require_path(args.data, "--data", NPZ_EXPECTED)
+    if args.image_ids is not None:
+        require_path(args.image_ids, "--image-ids", "a text file of image ids, one per line")
     out = check_out(args.out or RUNS_DIR / f"bench-{_timestamp()}", folder=True)
     _set_threads(args)
     extra = None
@@ -410,13 +469,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.methods is None:  # defaults: only those that apply to this model
         protocol = dataclasses.replace(protocol, methods=applicable_defaults(
             protocol.methods, model.model, "--methods"))
-    data = resolve_data(protocol.data)
     with new_outputs(out, keep=lambda: _holds_results(out)):
         config = run_benchmark(
             protocol,
             out,
             model=model,
-            data=data,
+            data=None,  # opened from the protocol's data specs
             resume=bool(args.resume),
             stats_path=args.stats,
             cache_dir=args.cache,
@@ -611,7 +669,13 @@ def _tune(args: argparse.Namespace) -> int:
     baselines = parse_name_list(args.baselines if args.baselines is not None else "source,bn")
     check_methods(baselines, "--baselines")
     if args.data is not None:
-        require_path(args.data, "--data", NPZ_EXPECTED)
+        spec = DataSpec.parse(args.data, "--data")
+        if not spec.generated:
+            raise ValueError(f"--data {spec}: dmc tune generates its validation corruptions, so it "
+                             "takes fmnist or PATH.npz; data on disk (e.g. CIFAR-10-C) is not "
+                             "supported by dmc tune yet.")
+        if spec.path is not None:
+            require_path(spec.path, "--data", NPZ_EXPECTED)
     if args.stats is not None:
         check_out(args.stats, folder=False, flag="--stats")
     out = check_out(args.out or RUNS_DIR / f"dmc-tune-{_timestamp()}.json", folder=False)

@@ -629,7 +629,8 @@ def resolve_data(path: str | os.PathLike | None) -> arrays.ImageData:
     return arrays.load_npz(path)
 
 
-def check_model_fits(model: nn.Module, data: arrays.ImageData | np.ndarray) -> None:
+def check_model_fits(model: nn.Module, data: arrays.ImageData | np.ndarray,
+                     num_classes: int | None = None) -> None:
     """Raise ``ValueError`` if the model cannot take the data's images or labels.
 
     One forward pass on two images, before any long work.
@@ -637,7 +638,9 @@ def check_model_fits(model: nn.Module, data: arrays.ImageData | np.ndarray) -> N
     Args:
         model: the classifier.
         data: a data set (its first test images go through the model, and the logits must cover
-            its classes), or ``uint8`` images alone (only that the model takes them is checked).
+            its classes), or ``uint8`` images alone (only that the model takes them is checked,
+            and that its logits cover ``num_classes`` when given).
+        num_classes: the classes of ``uint8`` images given alone.
     """
     images = data if isinstance(data, np.ndarray) else data.x_test
     x = arrays.to_tensor(images[:2])
@@ -651,10 +654,13 @@ def check_model_fits(model: nn.Module, data: arrays.ImageData | np.ndarray) -> N
             "does it need --input-size / --mean / --std?"
         ) from err
     if isinstance(data, np.ndarray):
-        return
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < data.num_classes:
+        if num_classes is None:
+            return
+    else:
+        num_classes = data.num_classes
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] < num_classes:
         found = f"of shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(
-            f"the model returns logits {found} but the data has {data.num_classes} classes; "
-            f"expected B×{data.num_classes}. Was it trained on this data set?"
+            f"the model returns logits {found} but the data has {num_classes} classes; "
+            f"expected B×{num_classes}. Was it trained on this data set?"
         )

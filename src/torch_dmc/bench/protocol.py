@@ -13,6 +13,11 @@ time. The clean cells (corruption ``"clean"``, severity 0) always run.
   batches (no batch spans two corruptions), ordered by ``stream`` within the segment, and each
   corruption's segment is recorded as one cell. The method is fresh at the start of every such
   stream. Clean cells stay episodic.
+- Mixed (mixed domains): for every ``(method, severity, batch_size, seed, stream)`` one stream of
+  the images of all corruptions together, ordered by ``stream`` with ``seed`` over the whole
+  (``iid``: every batch mixes corruptions at random). Each corruption's images are one cell, their
+  errors counted wherever they fell in the stream, so a corruption's cell is comparable with its
+  episodic cell and the mean over corruptions is the stream's error. Clean cells stay episodic.
 
 Example:
     >>> p = Protocol(methods=["source", "dmc"], corruptions=["fog"], severities=[5])
@@ -31,6 +36,7 @@ from .streams import IID, parse_stream_list
 
 __all__ = [
     "CLEAN",
+    "SETTINGS",
     "Cell",
     "Unit",
     "Protocol",
@@ -42,6 +48,9 @@ __all__ = [
 
 #: The corruption name of the clean cells (severity 0).
 CLEAN = "clean"
+
+#: The values of ``--protocol`` (:attr:`Protocol.setting`).
+SETTINGS: tuple[str, ...] = ("episodic", "continual", "mixed")
 
 #: The six methods, in report order.
 DEFAULT_METHODS: tuple[str, ...] = ("source", "bn", "bn-prior", "bn-ema", "tent", "dmc")
@@ -72,7 +81,9 @@ class Cell:
 class Unit:
     """One piece of work: a fresh method run over a stream that yields one or more cells.
 
-    Episodic units have one corruption; continual units list every corruption of their stream.
+    Episodic units have one corruption; continual and mixed units list every corruption of their
+    stream (``mixed``: the corruptions' images are shuffled together instead of following each
+    other).
     """
 
     method: str
@@ -81,10 +92,11 @@ class Unit:
     batch_size: int
     seed: int
     stream: str = IID
+    mixed: bool = False
 
     @property
     def corruption(self) -> str:
-        """The corruption of an episodic unit (the first one of a continual unit)."""
+        """The corruption of an episodic unit (the first one of a continual or mixed unit)."""
         return self.corruptions[0]
 
     def cells(self) -> list[Cell]:
@@ -180,16 +192,25 @@ class Protocol:
             ``label-shift-<alpha>``; each is a separate cell. Names are stored canonical
             (``label-shift-0.10`` → ``label-shift-0.1``). A ``config.json`` from before streams
             existed has none: it loads as ``["iid"]``, which is what it ran.
-        n_test: use the first ``n_test`` test images (``None``: all).
-        continual: one stream over all corruptions per severity, without reset (see module doc).
+        n_test: use the first ``n_test`` test images (``None``: all); for image-tree data, a seeded
+            subset (``torch_dmc.data.sources.TestData.select``).
+        setting: ``--protocol``: ``"episodic"``, ``"continual"`` or ``"mixed"`` (see module doc).
+            A ``config.json`` from before it existed has ``continual`` (a bool) instead; it loads
+            as ``"continual"`` or ``"episodic"``.
         gen_seed: the corruption generation seed.
         fit_images: training images used to fit the DMC reference statistics (``None``: all); a
             random subset (seed ``fit_seed``) when fewer.
         fit_levels: quantile levels K stored per channel.
         fit_seed: seed of the fit's subset and sampling.
         method_options: method name → options passed to ``methods.build`` (e.g. from ``dmc tune``).
-        model: the model folder (``None``: the shipped default model).
-        data: the ``.npz`` data file (``None``: Fashion-MNIST).
+        model: the model spec (``None``: the shipped default model).
+        data: the test data spec (``torch_dmc.data.specs``; ``None``: Fashion-MNIST).
+        clean_data: the clean test set's spec (``None``: the test spec's own clean images when it
+            has them — Fashion-MNIST, ``.npz`` — else no clean cells).
+        fit_data: the spec of the training images the reference is fitted on (``None``: the test
+            spec's training split when it has one).
+        image_ids: a file of image ids selecting the test images (image-tree data).
+        clean: whether clean cells run (decided from the data: off when there is no clean set).
         quick: whether ``--quick`` chose the defaults.
     """
 
@@ -201,7 +222,7 @@ class Protocol:
     all_seeds_at: list[int] | None = None
     streams: list[str] = field(default_factory=lambda: [IID])
     n_test: int | None = None
-    continual: bool = False
+    setting: str = "episodic"
     gen_seed: int = 0
     fit_images: int | None = None
     fit_levels: int = 1024
@@ -209,6 +230,10 @@ class Protocol:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: str | None = None
     data: str | None = None
+    clean_data: str | None = None
+    fit_data: str | None = None
+    image_ids: str | None = None
+    clean: bool = True
     quick: bool = False
 
     def __post_init__(self) -> None:
@@ -219,6 +244,8 @@ class Protocol:
         """Raise ``ValueError`` naming the first inconsistent field."""
         if not self.methods:
             raise ValueError("no method given; expected e.g. --methods source,dmc.")
+        if self.setting not in SETTINGS:
+            raise ValueError(f"--protocol must be one of {', '.join(SETTINGS)}; found {self.setting!r}.")
         if CLEAN in self.corruptions:
             raise ValueError(f"'{CLEAN}' is not a corruption here: clean cells always run.")
         bad = [s for s in self.severities if not 1 <= s <= 5]
@@ -255,23 +282,24 @@ class Protocol:
     def units(self) -> list[Unit]:
         """The work of the run, in execution order: clean first, then by corruption and severity.
 
-        Episodic: one unit per cell. Continual: one unit per ``(method, severity, batch, seed,
-        stream)``. Within a data set (corruption, severity) the order is stream, seed, batch size,
+        Episodic: one unit per cell. Continual and mixed: one unit per ``(method, severity, batch,
+        seed, stream)``. Within a data set (corruption, severity) the order is stream, seed, batch size,
         method, so every corrupted set is loaded once.
         """
         out: list[Unit] = []
 
-        def add(corruptions: tuple[str, ...], severity: int) -> None:
+        def add(corruptions: tuple[str, ...], severity: int, mixed: bool = False) -> None:
             for stream in self.streams:
                 for seed in self.seeds_for(severity):
                     for bs in self.batch_sizes:
                         for m in self.methods:
-                            out.append(Unit(m, corruptions, severity, bs, seed, stream))
+                            out.append(Unit(m, corruptions, severity, bs, seed, stream, mixed))
 
-        add((CLEAN,), 0)
-        if self.continual:
+        if self.clean:
+            add((CLEAN,), 0)
+        if self.setting != "episodic":
             for s in self.severities:
-                add(tuple(self.corruptions), s)
+                add(tuple(self.corruptions), s, mixed=self.setting == "mixed")
         else:
             for c in self.corruptions:
                 for s in self.severities:
@@ -292,8 +320,11 @@ class Protocol:
         """Rebuild from :meth:`to_dict`; unknown keys raise ``ValueError``; missing ones take defaults.
 
         A dict written before a field existed loads with that field's default (``streams``:
-        ``["iid"]``, the order those runs used).
+        ``["iid"]``, the order those runs used); the old ``continual`` bool becomes ``setting``.
         """
+        data = dict(data)
+        if "continual" in data and "setting" not in data:
+            data["setting"] = "continual" if data.pop("continual") else "episodic"
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -309,15 +340,18 @@ class Protocol:
         ident = {
             "model": self.model,
             "data": self.data,
+            "clean_data": self.clean_data,
+            "fit_data": self.fit_data,
+            "image_ids": self.image_ids,
             "n_test": self.n_test,
-            "continual": self.continual,
+            "setting": self.setting,
             "gen_seed": self.gen_seed,
             "fit_images": self.fit_images,
             "fit_levels": self.fit_levels,
             "fit_seed": self.fit_seed,
             "method_options": self.method_options,
         }
-        if self.continual:  # a segment's error depends on what came before it in the stream
+        if self.setting != "episodic":  # a cell depends on the other corruptions of its stream
             ident["corruptions"] = list(self.corruptions)
         return ident
 
@@ -340,12 +374,14 @@ class Protocol:
             args += ["--n-test", str(self.n_test)]
         if self.fit_images is not None:
             args += ["--fit-images", str(self.fit_images)]
-        if self.continual:
-            args.append("--continual")
+        if self.setting != "episodic":
+            args += ["--protocol", self.setting]
         if self.model is not None:
             args += ["--model", self.model]
-        if self.data is not None:
-            args += ["--data", self.data]
+        for flag, value in (("--data", self.data), ("--clean-data", self.clean_data),
+                            ("--fit-data", self.fit_data), ("--image-ids", self.image_ids)):
+            if value is not None:
+                args += [flag, value]
         return args
 
 

@@ -13,8 +13,15 @@ Tables (all errors are top-1 in %, seeds averaged first; the lowest value of a r
 6. spread over stream seeds: per batch size and stream, each method's lowest and highest seed mean
    at the top severity (with two or more seeds).
 
+On ImageNet-C (``config["data"]["kind"] == "imagenet-c"``) a section after table 1 gives each
+method's mCE and relative mCE (AlexNet-normalised, :mod:`.mce`) and its CE per corruption, for the
+primary batch size and stream (and the mCE per batch size and stream when several ran); other data
+kinds have none (no published AlexNet errors for them, Tiny-ImageNet-C included).
+
 Tables 1–3 use the first batch size of the protocol (the "primary" one); tables 1–4 use the first
 stream of the protocol (the primary one, ``iid`` by default). Means never mix streams.
+
+When ``config["data"]["images"]`` is present, a line says which test images were used.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from . import mce as _mce
 from .metrics import Summary, read_results
 from .streams import IID
 
@@ -114,6 +122,98 @@ def _seed_section(summary: Summary) -> list[str]:
     ]
 
 
+#: The data kinds whose report has the mCE section (those with published AlexNet errors).
+MCE_KINDS: tuple[str, ...] = ("imagenet-c",)
+
+
+def _images_line(images: dict | None) -> str | None:
+    """``config["data"]["images"]`` in words (``None`` when absent): which test images were used."""
+    if not images:
+        return None
+    sel, n = images.get("selection"), images.get("n", "?")
+    if sel == "all":
+        return f"- Images: all {n} of each set."
+    if sel == "first":
+        return f"- Images: the first {n} of each set."
+    if sel == "ids":
+        sha = images.get("ids_sha256")
+        return (
+            f"- Images: {n} listed in `{images.get('ids_file', '?')}`"
+            + (f" (sha256 {sha[:12]}…)" if sha else "")
+            + "."
+        )
+    return f"- Images: {sel} ({n})."
+
+
+def _mce_section(summary: Summary, bs: int, tag: str, images: dict | None) -> list[str]:
+    """The ImageNet-C section: mCE and relative mCE per method, CE per corruption, what is missing."""
+    methods = summary.methods
+    scores = {m: _mce.imagenet_c_scores(summary, m, bs) for m in methods}
+    lines = [
+        "## mCE (ImageNet-C, AlexNet-normalised)",
+        "",
+        "Hendrycks & Dietterich 2019 (arXiv:1903.12261): CE_c = Σ_s E_{s,c} / Σ_s E^AlexNet_{s,c} "
+        "over severities 1–5; relative CE_c = Σ_s (E_{s,c} − E_clean) / Σ_s (E^AlexNet_{s,c} − "
+        "E^AlexNet_clean); mCE and relative mCE are their means over the 15 corruptions, in % "
+        "(100 = as AlexNet; lower is better). E is each method's error (seeds averaged first), "
+        "E_clean its clean error at the same batch size and stream.",
+        "",
+    ]
+    if images and images.get("selection") != "all":
+        lines += [
+            "Not on all of ImageNet-C's images (see *Images* above): not exactly comparable with "
+            "published mCEs.",
+            "",
+        ]
+    body = [
+        "| " + " | ".join([m, _fmt(scores[m].mce.percent), _fmt(scores[m].relative_mce.percent)]) + " |"
+        for m in methods
+    ]
+    lines += [
+        f"### mCE per method (batch size {bs}{tag})",
+        "",
+        *_table(["method", "mCE (%)", "relative mCE (%)"], body),
+        "",
+    ]
+    # what is missing, methods with the same gaps together
+    gaps: dict[str, list[str]] = {}
+    for m in methods:
+        s = scores[m]
+        if s.mce.reason:
+            gaps.setdefault(f"no mCE: {s.mce.reason}", []).append(m)
+        elif s.relative_mce.reason:
+            gaps.setdefault(f"no relative mCE: {s.relative_mce.reason}", []).append(m)
+    if gaps:
+        lines += [f"- {', '.join(ms)}: {why}." for why, ms in gaps.items()]
+        lines.append("")
+    body = [
+        _row(c, [None if scores[m].ce[c] is None else 100.0 * scores[m].ce[c] for m in methods])
+        for c in _mce.IMAGENET_C_CORRUPTIONS
+    ]
+    lines += [
+        f"### CE per corruption (batch size {bs}{tag}, %, AlexNet = 100)",
+        "",
+        *_table(["corruption", *methods], body),
+        "",
+    ]
+    combos = [(b, st) for st in summary.streams for b in summary.batch_sizes_of(st)]
+    if len(combos) > 1:
+        body = [
+            _row(
+                str(b) if st == IID else f"{b}, {st}",
+                [_mce.imagenet_c_scores(summary, m, b, st).mce.percent for m in methods],
+            )
+            for b, st in combos
+        ]
+        lines += [
+            "### mCE per batch size and stream (%)",
+            "",
+            *_table(["batch size", *methods], body),
+            "",
+        ]
+    return lines
+
+
 def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> str:
     """The Markdown text of ``report.md``.
 
@@ -167,6 +267,7 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
         )
         + "; "
         f"corruption generation seed {protocol.get('gen_seed')}.",
+        *filter(None, [_images_line(data.get("images"))]),
         f"- Model: {model.get('source')} ({model.get('class')}, {model.get('parameters')} "
         f"parameters); files "
         + (", ".join(f"{k} sha256 {v[:12]}…" for k, v in model.get("files_sha256", {}).items()) or "–")
@@ -222,6 +323,10 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
             ]
         body.append("| " + " | ".join([m, *cells]) + " |")
     lines += [f"## Summary (batch size {bs}{tag}, top-1 error %)", "", *_table(header, body), ""]
+
+    # ImageNet-C: mCE and relative mCE
+    if data.get("kind") in MCE_KINDS:
+        lines += _mce_section(summary, bs, tag, data.get("images"))
 
     # 2. per corruption at the top severity
     if top is not None:

@@ -30,8 +30,11 @@ from .. import methods as methods_mod
 from ..data import arrays, corruptions
 from ..options import DMCOptions
 from . import provenance
+from .config import write_json
+from .datasets import bench_data_from_arrays
+from .evaluate import OpenSets, stream_errors
+from .fitting import obtain_stats
 from .protocol import Protocol
-from .runner import _Images, obtain_stats, stream_errors, write_json
 
 __all__ = [
     "TuneGrid",
@@ -301,21 +304,19 @@ def tune(
     bench_protocol = protocol.as_bench()
     model.eval()
     spath = Path(stats_path) if stats_path is not None else default_stats_path(out)
+    bench_data = bench_data_from_arrays(data, spec=protocol.data, n_test=protocol.n_test,
+                                        gen_seed=bench_protocol.gen_seed, cache_dir=cache_dir,
+                                        workers=workers, progress=progress)
     stats = obtain_stats(
-        model, data, bench_protocol, spath, reuse=stats_path is not None, progress=progress, log=log,
+        model, bench_data.fit, spath, fit_images=bench_protocol.fit_images,
+        fit_seed=bench_protocol.fit_seed, fit_levels=bench_protocol.fit_levels,
+        reuse=stats_path is not None, progress=progress, log=log,
         per_sample=any(methods_mod.needs_per_sample(m) for m in (grid.method, *baselines)),
     )
     fit_s = time.perf_counter() - t0
     cands = candidates(grid, stats.sites)
-    n_test = min(protocol.n_test, len(data.x_test))
-    images = _Images(
-        data.x_test[:n_test],
-        data.y_test[:n_test],
-        bench_protocol,
-        corruptions.CorruptionCache(cache_dir),
-        workers,
-        progress,
-    )
+    n_test = len(bench_data.clean)
+    images = OpenSets(bench_data)
     cells = [(c, s) for c in protocol.corruptions for s in protocol.severities]
     log(f"tuning {grid.method}: {len(cands)} candidates × {len(cells)} validation cells × {n_test} images")
     runs = [("baseline", name, {}) for name in baselines] + [
@@ -326,7 +327,7 @@ def tune(
     bar = tqdm(total=len(runs) * len(cells), desc="tune", unit="cell", disable=not progress)
     try:
         for corruption, severity in cells:
-            segment = list(images.segments((corruption,), severity))
+            segment = images.segments((corruption,), severity)
             for k, (_, name, options) in enumerate(runs):
                 torch.manual_seed(0)
                 method = methods_mod.build(name, model, stats=stats, **options)
