@@ -313,7 +313,8 @@ def test_tiny_imagenet_c_mixed_with_workers_and_image_ids(tmp_path):
     config = runner.run_benchmark(p, tmp_path / "out", model=ColourOracle(), workers=2, progress=False,
                                   plots=False, log=lambda _: None, channels_last=False)
     rows = read_results(tmp_path / "out" / "results.csv")
-    assert [(r["corruption"], r["n"], r["n_wrong"]) for r in rows] == [("gaussian_noise", 3, 0), ("fog", 3, 0)]
+    assert [(r["corruption"], r["n"], r["n_wrong"]) for r in rows] == [
+        ("gaussian_noise", 3, 0), ("fog", 3, 0)]
     seen = sorted(t for b in SEEN[1:] for t in b)
     assert seen == sorted((5, ci, label) for ci in (1, 2) for label in (0, 1, 2))  # the listed images
     assert config["data"]["images"]["selection"] == "ids" and config["data"]["images"]["n"] == 3
