@@ -13,8 +13,7 @@ resident memory (``ru_maxrss``) and its workers' (``RUSAGE_CHILDREN``). The work
 
 ``--through-bench`` also runs ``dmc bench --data imagenet-c:DIR`` (method ``source``, a tiny
 model defined here, ``--model imagenet_c_memory:tiny_model``) per N and reports the bench
-process tree's peak. NOTE: this path needs ``dmc bench`` to accept ``imagenet-c:DIR`` data (the
-lead's integration); until then it reports the bench's error.
+process tree's peak (``tiny-imagenet-c:DIR`` at 64×64, ``imagenet-c:DIR`` at 224×224).
 """
 
 from __future__ import annotations
@@ -60,6 +59,9 @@ def make_tree(root: Path, corruptions: int, wnids: int, per_class: int, size: in
     params = {"corruptions": corruptions, "wnids": wnids, "per_class": per_class, "size": size,
               "severity": severity}
     marker = root / _MARKER
+    root.mkdir(parents=True, exist_ok=True)
+    # fewer wnid folders than the data set's classes: list them (docs/protocol.md § Data specs)
+    (root / "wnids.txt").write_text("".join(f"n{10000000 + w:08d}\n" for w in range(wnids)))
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return 0.0
     from PIL import Image
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wnids", type=int, default=10, help="class folders (default 10)")
     p.add_argument("--dir", default=None, help="where to write (and reuse) the tree (default: a temp folder)")
     p.add_argument("--through-bench", action="store_true",
-                   help="also run `dmc bench --data imagenet-c:DIR` per N (needs the lead's integration)")
+                   help="also run `dmc bench --data imagenet-c:DIR` per N")
     p.add_argument("--severity", type=int, default=5, help="the one severity folder (default 5)")
     p.add_argument("--child", nargs=6, metavar=("DIR", "N", "SIZE", "BATCH", "WORKERS", "SEVERITY"),
                    help=argparse.SUPPRESS)
@@ -204,10 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _through_bench(root: Path, sizes: list[int], a) -> None:
-    """``dmc bench --data imagenet-c:DIR`` per N (N / corruptions test images per set).
-
-    Needs the lead's integration of image-tree data into ``dmc bench``; the flags may then need
-    adjusting (e.g. a clean set, ``--workers`` meaning decode workers)."""
+    """``dmc bench --data imagenet-c:DIR`` per N (N / corruptions test images per set, a seeded
+    subset: ``--n-test``)."""
     kinds = {64: "tiny-imagenet-c", 224: "imagenet-c"}
     if a.image_size not in kinds:
         print(f"--through-bench: needs --image-size 64 (tiny-imagenet-c) or 224 (imagenet-c); "
@@ -218,7 +218,7 @@ def _through_bench(root: Path, sizes: list[int], a) -> None:
     here = str(Path(__file__).resolve().parent)
     env["PYTHONPATH"] = here + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["DMC_MEMORY_CLASSES"] = str(a.wnids)
-    print(f"through `dmc bench --data {kind}:DIR` (needs image-tree support in dmc bench):")
+    print(f"through `dmc bench --data {kind}:DIR`:")
     print(f"{'images':>8} {'peak RSS MB':>12} {'ratio':>6} {'seconds':>8}  result")
     first = None
     with tempfile.TemporaryDirectory(prefix="imagenet-c-bench-") as out:

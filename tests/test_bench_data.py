@@ -186,6 +186,7 @@ def test_bench_cli_with_a_data_spec(cifar, tmp_path, monkeypatch, capsys):
     assert config["protocol"]["setting"] == "mixed"
     assert "--protocol mixed" in config["explicit_command"]
     assert f"--clean-data cifar10:{cifar}" in config["explicit_command"]
+    assert "- Protocol: mixed; all test images" in (tmp_path / "out" / "report.md").read_text()
     bad = parser.parse_args(["--methods", "source", "--data", "cifar10c:/x", "--out", str(tmp_path / "o2")])
     assert bench_cli.run_bench(bad) == 2
     assert "unknown data kind" in capsys.readouterr().err

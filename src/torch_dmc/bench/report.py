@@ -228,10 +228,10 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
     bs_list = protocol.get("batch_sizes") or summary.batch_sizes
     bs = next((b for b in bs_list if b in summary.batch_sizes), bs_list[0] if bs_list else None)
     top = summary.top_severity
-    regime = "continual" if protocol.get("continual") else "episodic"
+    regime = protocol.get("setting") or ("continual" if protocol.get("continual") else "episodic")
 
     lines = [
-        f"# DMC benchmark: {config.get('data', {}).get('name', '?')}",
+        f"# DMC benchmark: {config.get('data', {}).get('name') or config.get('data', {}).get('spec', '?')}",
         "",
         "```",
         config.get("command", ""),
@@ -252,7 +252,8 @@ def render_report(rows: list[dict], config: dict, plots: Sequence[str] = ()) -> 
     mach = config.get("machine", {})
     n_seeds = len(protocol.get("seeds", []))
     lines += [
-        f"- Protocol: {regime}; {data.get('n_test', '?')} test images; corruptions "
+        f"- Protocol: {regime}; {data.get('n_test') or data.get('images', {}).get('n', 'all')} test "
+        "images; corruptions "
         f"{', '.join(summary.corruptions) or '–'}; severities "
         f"{', '.join(map(str, summary.severities)) or '–'} (clean = 0); batch sizes "
         f"{', '.join(map(str, summary.batch_sizes))}; stream(s) "
