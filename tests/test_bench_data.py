@@ -368,3 +368,21 @@ def test_cifar100_c_with_a_reference_fitted_on_the_binary_training_set(tmp_path)
     assert config["stats"]["fit_info"]["fit_images"] == 40
     assert set(config["data"]["fit_files_sha256"]) == {"train.bin"}
     assert config["data"]["n_fit"] == 40 and config["data"]["num_classes"] == 100
+
+
+def test_tune_on_the_validation_files_of_cifar10_c(tmp_path, labels):
+    from torch_dmc.bench.tune import TuneGrid, TuneProtocol, tune
+
+    root = tmp_path / "CIFAR-10-C"
+    write_cifar10_c(root, labels, corruptions=["saturate", "fog"])
+    write_cifar10_bin(tmp_path / "cifar-10-batches-bin", np.arange(30) % 10, "train")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 10)).eval()
+    p = TuneProtocol(corruptions=["saturate"], severities=[2], n_test=8, batch_size=4, fit_levels=16,
+                     data=f"cifar10-c:{root}", fit_data=f"cifar10:{tmp_path}")
+    result = tune(p, TuneGrid(site_sets=["all"], strengths=[1.0], adapt_bn=[False]), tmp_path / "t.json",
+                  model=model, workers=0, progress=False, log=lambda _: None, baselines=("source",))
+    assert set(result["methods"]) == {"dmc"}
+    with pytest.raises(ValueError, match="refuses the test corruption"):
+        TuneProtocol(corruptions=["fog"], data=f"cifar10-c:{root}")

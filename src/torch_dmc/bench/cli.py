@@ -24,7 +24,6 @@ import torch
 from .. import methods as methods_mod
 from ..cli import check_int_flags, check_out, error_message, new_outputs, require_path, run_command
 from ..data import corruptions
-from ..data.arrays import NPZ_EXPECTED
 from ..data.specs import DataSpec
 from ..methods.base import has_batchnorm
 from . import provenance
@@ -518,6 +517,9 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--severities", default="3,5", help="default 3,5")
     parser.add_argument("--n-test", type=int, default=2000, help="first N test images (default 2000)")
+    parser.add_argument("--fit-data", metavar="SPEC", default=None,
+                        help="training images of the DMC reference: cifar10:DIR, cifar100:DIR, "
+                        "imagefolder:DIR, PATH.npz, fmnist (default: the --data spec's own)")
     parser.add_argument("--batch-size", type=int, default=200, help="default 200")
     parser.add_argument("--seed", type=int, default=0, help="stream seed (default 0)")
     parser.add_argument(
@@ -620,7 +622,8 @@ def tune_setup(args):
         fit_images=args.fit_images,
         fit_levels=int(args.fit_levels),
         model=ModelSpec.from_args(args).model,
-        data=None if args.data is None else str(args.data),
+        data=_spec_text(args.data, "--data"),
+        fit_data=_spec_text(args.fit_data, "--fit-data"),
     )
     if args.grid:
         path = require_path(args.grid, "--grid", "a JSON file with the grid (see --help)")
@@ -661,21 +664,14 @@ def run_tune(args: argparse.Namespace, command: str = "tune") -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from .runner import check_model_fits, resolve_data, resolve_model
+    from .datasets import open_bench_data
+    from .runner import check_model_fits, resolve_model
     from .tune import default_stats_path, tune
 
     check_int_flags(args, TUNE_MINIMUMS)
     protocol, grid = tune_setup(args)
     baselines = parse_name_list(args.baselines if args.baselines is not None else "source,bn")
     check_methods(baselines, "--baselines")
-    if args.data is not None:
-        spec = DataSpec.parse(args.data, "--data")
-        if not spec.generated:
-            raise ValueError(f"--data {spec}: dmc tune generates its validation corruptions, so it "
-                             "takes fmnist or PATH.npz; data on disk (e.g. CIFAR-10-C) is not "
-                             "supported by dmc tune yet.")
-        if spec.path is not None:
-            require_path(spec.path, "--data", NPZ_EXPECTED)
     if args.stats is not None:
         check_out(args.stats, folder=False, flag="--stats")
     out = check_out(args.out or RUNS_DIR / f"dmc-tune-{_timestamp()}.json", folder=False)
@@ -685,8 +681,16 @@ def _tune(args: argparse.Namespace) -> int:
         baselines = applicable_defaults(baselines, resolved.model, "--baselines")
     if args.adapt_bn is None and not args.grid and not has_batchnorm(resolved.model):
         grid = dataclasses.replace(grid, adapt_bn=[False])  # adapt_bn=True needs BatchNorm
-    data = resolve_data(protocol.data)
-    check_model_fits(resolved.model, data)
+    reuse = args.stats is not None and Path(args.stats).is_file()
+    data = open_bench_data(data=protocol.data, fit_data=protocol.fit_data, n_test=protocol.n_test,
+                           gen_seed=protocol.gen_seed, cache_dir=args.cache, workers=int(args.workers),
+                           progress=not args.no_progress, need_fit=not reuse)
+    missing = [c for c in protocol.corruptions if c not in data.test.corruptions()]
+    if missing:
+        raise ValueError(f"--data {data.test.spec}: no {', '.join(missing)} (it holds "
+                         f"{', '.join(data.test.corruptions()) or 'no corruption'}); choose "
+                         "--corruptions among the validation corruptions it holds.")
+    check_model_fits(resolved.model, data.sample(2), num_classes=data.num_classes)
     outputs = [out] if args.stats is not None else [out, default_stats_path(out)]
     with new_outputs(*outputs):
         tune(

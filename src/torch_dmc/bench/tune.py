@@ -31,7 +31,7 @@ from ..data import arrays, corruptions
 from ..options import DMCOptions
 from . import provenance
 from .config import write_json
-from .datasets import bench_data_from_arrays
+from .datasets import BenchData, bench_data_from_arrays, open_bench_data
 from .evaluate import OpenSets, stream_errors
 from .fitting import obtain_stats
 from .protocol import Protocol
@@ -138,7 +138,10 @@ class TuneProtocol:
         seed: stream seed (the order of the images).
         gen_seed: corruption generation seed.
         fit_images, fit_levels, fit_seed: the DMC reference fit (as in ``dmc bench``).
-        model, data: model folder and ``.npz`` file (``None``: defaults).
+        model: the model spec (``None``: the shipped default).
+        data: the test data spec (``None``: Fashion-MNIST; ``cifar10-c:DIR`` etc. hold the
+            validation corruptions as files: docs/protocol.md § Data specs).
+        fit_data: the spec of the reference's training images (``None``: the data's own).
     """
 
     corruptions: list[str] = field(default_factory=lambda: list(corruptions.VALIDATION_CORRUPTIONS))
@@ -152,6 +155,7 @@ class TuneProtocol:
     fit_seed: int = 0
     model: str | None = None
     data: str | None = None
+    fit_data: str | None = None
 
     def __post_init__(self) -> None:
         names = corruptions.resolve_corruptions(self.corruptions)
@@ -187,6 +191,7 @@ class TuneProtocol:
             fit_seed=self.fit_seed,
             model=self.model,
             data=self.data,
+            fit_data=self.fit_data,
         )
 
 
@@ -263,7 +268,7 @@ def tune(
     out: str | Path,
     *,
     model: nn.Module,
-    data: arrays.ImageData,
+    data: arrays.ImageData | BenchData | None = None,
     model_files: dict[str, str] | None = None,
     model_info: dict[str, Any] | None = None,
     stats_path: str | Path | None = None,
@@ -280,7 +285,10 @@ def tune(
         protocol: the validation cells (only validation corruptions).
         grid: the candidates.
         out: the JSON file to write.
-        model: the classifier; data: the data set.
+        model: the classifier.
+        data: the images: an in-memory data set (corruptions generated), a
+            :class:`~torch_dmc.bench.datasets.BenchData`, or ``None``: opened from the protocol's
+            ``data`` and ``fit_data`` specs.
         model_files: file name → SHA-256 of the model's files (provenance).
         model_info: the ``model`` entry to record (spec, weights, preprocessing, checksums; see
             ``torch_dmc.bench.inputs.ResolvedModel.describe``); default: ``model_files`` alone.
@@ -304,9 +312,18 @@ def tune(
     bench_protocol = protocol.as_bench()
     model.eval()
     spath = Path(stats_path) if stats_path is not None else default_stats_path(out)
-    bench_data = bench_data_from_arrays(data, spec=protocol.data, n_test=protocol.n_test,
-                                        gen_seed=bench_protocol.gen_seed, cache_dir=cache_dir,
-                                        workers=workers, progress=progress)
+    if isinstance(data, BenchData):
+        bench_data = data
+    elif data is not None:
+        bench_data = bench_data_from_arrays(data, spec=protocol.data, n_test=protocol.n_test,
+                                            gen_seed=bench_protocol.gen_seed, cache_dir=cache_dir,
+                                            workers=workers, progress=progress)
+    else:
+        reuse = stats_path is not None and Path(stats_path).is_file()
+        bench_data = open_bench_data(data=protocol.data, fit_data=protocol.fit_data,
+                                     n_test=protocol.n_test, gen_seed=protocol.gen_seed,
+                                     cache_dir=cache_dir, workers=workers, progress=progress,
+                                     need_fit=not reuse)
     stats = obtain_stats(
         model, bench_data.fit, spath, fit_images=bench_protocol.fit_images,
         fit_seed=bench_protocol.fit_seed, fit_levels=bench_protocol.fit_levels,
@@ -315,8 +332,8 @@ def tune(
     )
     fit_s = time.perf_counter() - t0
     cands = candidates(grid, stats.sites)
-    n_test = len(bench_data.clean)
     images = OpenSets(bench_data)
+    n_test = len(images.segments((protocol.corruptions[0],), protocol.severities[0])[0])
     cells = [(c, s) for c in protocol.corruptions for s in protocol.severities]
     log(f"tuning {grid.method}: {len(cands)} candidates × {len(cells)} validation cells × {n_test} images")
     runs = [("baseline", name, {}) for name in baselines] + [
