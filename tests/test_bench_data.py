@@ -213,6 +213,20 @@ def test_mixed_batches_mix_corruptions_and_cells_count_each(cifar, labels, tmp_p
     assert any(len(b) > 1 for b in kinds["mixed"])  # batches mix corruptions
 
 
+@pytest.mark.parametrize("setting", ["continual", "mixed"])
+def test_every_protocol_takes_every_stream_and_batch_size(cifar, labels, tmp_path, setting):
+    c10c = f"cifar10-c:{cifar / 'CIFAR-10-C'}"
+    model = Oracle()
+    p = Protocol(methods=["source"], corruptions=CORRUPTIONS, severities=[2], batch_sizes=[1, 7],
+                 seeds=[0], streams=["iid", "label-shift-0.1"], setting=setting, data=c10c)
+    bench(p, tmp_path / "out", model)
+    rows = read_results(tmp_path / "out" / "results.csv")
+    assert len(rows) == 2 * 2 * len(CORRUPTIONS)
+    assert all(r["n"] == N and r["n_wrong"] == 0 for r in rows)
+    seen = [t for b in SEEN[1:] for t in b]
+    assert sorted(seen) == sorted([(2, ci, r) for ci in (1, 2, 3) for r in range(N)] * 4)
+
+
 def test_mixed_on_tensors_equals_episodic_for_source_not_for_bn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Flatten(), nn.LazyLinear(4)).eval()
