@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torch_dmc"
 CORE = ["_version", "transport", "sketch", "sites", "stats_io", "options", "fit", "correct", "shift",
-        "__init__"]
+        "_sync", "__init__"]
 OUTSIDE_CORE = {"bench", "cli", "methods", "data", "models", "__main__"}
 
 

@@ -10,6 +10,12 @@ Two seams, each a small object:
   `BatchEstimate`, `PriorEstimate`, `EMAEstimate`, `PerSampleEstimate` (docs/method.md
   § Estimates).
 
+With a ``process_group`` (docs/method.md § Synchronised correction) each site estimates its
+channels' test distribution on the union of the group's slices of the batch:
+`SyncExactTransport` and `SyncGridTransport` pool what the estimate needs through the
+collectives of `torch_dmc._sync`, so every process's output equals what one process computes on
+the concatenated batch.
+
 Modules and hooks here only route tensors to the math in `torch_dmc.transport`.
 """
 
@@ -21,6 +27,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -40,8 +47,14 @@ from .transport import (
     lut_from_sample,
     lut_grid,
     transport_exact,
+    transport_exact_columns,
     transport_quantiles,
 )
+
+if TYPE_CHECKING:  # torch.distributed is touched only when a process group is given
+    from torch.distributed import ProcessGroup
+
+    from ._sync import GlobalBatch, Sync
 
 __all__ = [
     "BLEND_LEVELS",
@@ -51,6 +64,8 @@ __all__ = [
     "ShapeCache",
     "ExactTransport",
     "GridTransport",
+    "SyncExactTransport",
+    "SyncGridTransport",
     "values_weight",
     "BatchEstimate",
     "PriorEstimate",
@@ -102,6 +117,20 @@ class ShapeCache:
             return sample_positions(shape, axis, m, generator, device)
         return self._get(("positions", tuple(shape), axis, m, device), make)
 
+    def slice_positions(self, shape: tuple[int, ...], axis: int, m: int, device: torch.device,
+                        start: int, stop: int) -> tuple[Tensor, ...]:
+        """The positions of `positions` for the concatenated ``shape`` that fall in samples
+        ``start:stop`` (batch axis 0), as positions of that slice: a process's share of the
+        sample one process draws on the whole batch (docs/method.md § Synchronised correction)."""
+        def make():
+            generator = torch.Generator().manual_seed(self.seed)
+            index = sample_positions(shape, axis, m, generator, "cpu")  # the draw of `positions`
+            keep = (index[0] >= start) & (index[0] < stop)
+            local = [i[keep] for i in index]
+            local[0] = local[0] - start
+            return tuple(i.to(device) for i in local)
+        return self._get(("slice", tuple(shape), axis, m, device, start, stop), make)
+
     def grid(self, shape: torch.Size, axis: int, device: torch.device) -> Tensor:
         """A `torch_dmc.transport.lut_grid` buffer for ``shape``."""
         return self._get(("grid", tuple(shape), axis, device), lambda: lut_grid(shape, axis, device))
@@ -119,6 +148,12 @@ def _per_channel(output: Tensor, axis: int, transport) -> Tensor:
     moved = output.movedim(axis, 0)
     y = transport(moved.reshape(moved.shape[0], -1))
     return y.reshape(moved.shape).movedim(0, axis).contiguous()
+
+
+def _channel_major(output: Tensor, axis: int) -> Tensor:
+    """The ``C×N`` matrix of an output's values (a view where the layout allows; ``N`` may be 0)."""
+    c = output.shape[axis]
+    return output.movedim(axis, 0).reshape(c, output.numel() // c)
 
 
 def _is_channels_last(output: Tensor, axis: int) -> bool:
@@ -165,6 +200,11 @@ class ExactTransport:
         """Levels at which ``prior``/``ema`` blend quantile functions: the stats' ``K``."""
         return stats_levels
 
+    def extent(self, output: Tensor, axis: int) -> tuple[int, int]:
+        """``(samples, values per channel)`` of the batch that the estimate describes: here the
+        output's own (a synchronised transport answers for the whole group's batch)."""
+        return output.shape[0], output.numel() // output.shape[axis]
+
     def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache) -> Tensor:
         """The batch's values of every channel matched to ``q_ref`` (average ranks)."""
         return _per_channel(output, axis, lambda x: transport_exact(x, q_ref))
@@ -202,6 +242,8 @@ class GridTransport:
     def blend_levels(self, stats_levels: int) -> int:
         """Levels at which ``prior``/``ema`` blend: `BLEND_LEVELS` (or the stats' ``K`` if fewer)."""
         return min(BLEND_LEVELS, stats_levels)
+
+    extent = ExactTransport.extent
 
     def _size(self, values: Tensor) -> int:
         return min(self.knots, max(32, values.shape[1] // 4))
@@ -245,6 +287,116 @@ class GridTransport:
         return self._apply(output, axis, lut_from_quantiles(q_test, q_ref, lo, step, size), cache)
 
 
+class SyncExactTransport(ExactTransport):
+    """`ExactTransport` on the union of a process group's slices of the batch.
+
+    Made per site and forward for one `torch_dmc._sync.GlobalBatch`; every process of the group
+    must call the same methods. Each estimate needs every value of the concatenated batch: one
+    ``all_gather`` per call of `match` or `batch_quantiles` (docs/method.md § Synchronised
+    correction), after which each process sorts the whole batch and maps its own slice's values
+    (their columns of the pool). ``through`` and ``match_rows`` are local.
+
+    Args:
+        sync: the group's collectives.
+        batch: the site's concatenated batch (`torch_dmc._sync.Sync.describe`).
+    """
+
+    def __init__(self, sync: Sync, batch: GlobalBatch):
+        self.sync = sync
+        self.batch = batch
+
+    def extent(self, output: Tensor, axis: int) -> tuple[int, int]:
+        """``(samples, values per channel)`` of the concatenated batch."""
+        return self.batch.samples, self.batch.values
+
+    def _pool(self, output: Tensor, axis: int) -> Tensor:
+        return self.sync.gather(_channel_major(output.detach(), axis), self.batch)
+
+    def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache) -> Tensor:
+        """This slice's values matched to ``q_ref`` with their average ranks in the whole batch."""
+        pool = self._pool(output, axis)
+        if output.numel() == 0:
+            return output
+        b = self.batch
+        columns = (b.start * b.positions, b.stop * b.positions)  # this slice's values in the pool
+        y = transport_exact_columns(pool, q_ref, *columns)  # C×n, the slice's channel-major order
+        return y.reshape(output.movedim(axis, 0).shape).movedim(0, axis).contiguous()
+
+    def batch_quantiles(self, output: Tensor, axis: int, levels: int, cache: ShapeCache):
+        """The whole batch's ``C×levels`` quantile table (the same on every process)."""
+        return empirical_quantiles(self._pool(output, axis), levels), None
+
+    def through(self, output: Tensor, axis: int, q_test: Tensor, q_ref: Tensor, context,
+                cache: ShapeCache) -> Tensor:
+        """``x ↦ Q_ref(F_test(x))`` on this slice (local: ``q_test`` is already pooled)."""
+        if output.numel() == 0:
+            return output
+        return super().through(output, axis, q_test, q_ref, context, cache)
+
+
+class SyncGridTransport(GridTransport):
+    """`GridTransport` on the union of a process group's slices of the batch.
+
+    The sample is the one a single process draws on the concatenated batch (fixed positions per
+    concatenated shape); each process histograms the sampled positions in its slice, and the
+    knot range (``all_reduce`` MIN/MAX), the cell counts (``all_reduce`` SUM) and every outlier
+    refinement of the range (docs/method.md § Knot placement) are pooled, so the table, and each
+    process's output, is what one process computes on the concatenated batch (docs/method.md
+    § Synchronised correction). ``through``, the lookup and ``match_rows`` are local.
+
+    Args:
+        knots, grid_sample: as for `GridTransport`.
+        sync: the group's collectives.
+        batch: the site's concatenated batch (`torch_dmc._sync.Sync.describe`).
+    """
+
+    def __init__(self, knots: int, grid_sample: int | None, sync: Sync, batch: GlobalBatch):
+        super().__init__(knots, grid_sample)
+        self.sync = sync
+        self.batch = batch
+
+    def extent(self, output: Tensor, axis: int) -> tuple[int, int]:
+        """``(samples, values per channel)`` of the concatenated batch."""
+        return self.batch.samples, self.batch.values
+
+    def _sampled(self) -> bool:
+        return self.grid_sample is not None and self.grid_sample < self.batch.values
+
+    def _values(self, output: Tensor, axis: int, cache: ShapeCache) -> Tensor:
+        """``C×m`` values: this slice's share of the concatenated batch's sample (``m >= 0``)."""
+        if self._sampled():
+            b = self.batch
+            index = cache.slice_positions(b.shape, axis, self.grid_sample, output.device, b.start, b.stop)
+            return gather_positions(output.detach(), axis, index)
+        return _channel_major(output.detach(), axis)
+
+    def _global_size(self) -> int:
+        """`GridTransport`'s knots for the concatenated batch's ``M`` values per channel."""
+        m = self.grid_sample if self._sampled() else self.batch.values
+        return min(self.knots, max(32, m // 4))
+
+    def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache) -> Tensor:
+        """This slice matched to ``q_ref`` through the table of the whole batch's histogram."""
+        values = self._values(output, axis, cache)
+        lut = lut_from_sample(values, q_ref, self._global_size(),
+                              reduce=self.sync.histogram_reduce(self.batch))
+        return output if output.numel() == 0 else self._apply(output, axis, lut, cache)
+
+    def batch_quantiles(self, output: Tensor, axis: int, levels: int, cache: ShapeCache):
+        """The whole batch's quantile table from the pooled histogram, and its knots."""
+        values = self._values(output, axis, cache)
+        size = self._global_size()
+        lo, step, level = histogram_levels(values, size, reduce=self.sync.histogram_reduce(self.batch))
+        return histogram_quantiles(lo, step, level, levels), (lo, step, size)
+
+    def through(self, output: Tensor, axis: int, q_test: Tensor, q_ref: Tensor, context,
+                cache: ShapeCache) -> Tensor:
+        """``x ↦ Q_ref(F_test(x))`` at the pooled knots, looked up on this slice."""
+        if output.numel() == 0:
+            return output
+        return super().through(output, axis, q_test, q_ref, context, cache)
+
+
 MIN_BLEND_WEIGHT = 1e-3
 """Below this weight of the reference, ``prior_values`` is skipped (the batch path is used)."""
 
@@ -257,14 +409,16 @@ def _blend(site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache,
     return transport.through(output, axis, q_test, q_ref, context, cache)
 
 
-def values_weight(output: Tensor, axis: int, prior_values: float | None) -> float:
+def values_weight(output: Tensor, axis: int, prior_values: float | None,
+                  extent: tuple[int, int] | None = None) -> float:
     """The reference's weight ``V0/(n + V0)`` in the batch's quantile function, ``n`` the batch's
     values per channel (``None``: `AUTO_PRIOR_VALUES` where each image has one value per channel,
-    else 0); 0 below `MIN_BLEND_WEIGHT`."""
-    values = output.numel() / output.shape[axis]
+    else 0); 0 below `MIN_BLEND_WEIGHT`. ``extent``: ``(samples, values per channel)`` of the
+    batch when it is not ``output``'s own (a synchronised group's, see ``transport.extent``)."""
+    samples, values = extent if extent is not None else (output.shape[0], output.numel() / output.shape[axis])
     v0 = prior_values
     if v0 is None:
-        v0 = AUTO_PRIOR_VALUES if values == output.shape[0] else 0.0
+        v0 = AUTO_PRIOR_VALUES if values == samples else 0.0
     weight = v0 / (v0 + values) if v0 > 0 else 0.0
     return weight if weight >= MIN_BLEND_WEIGHT else 0.0
 
@@ -281,10 +435,15 @@ class BatchEstimate:
         self.prior_values = prior_values
 
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
-        weight = values_weight(output, axis, self.prior_values)
+        """The site's corrected output (``λ = 1``) under this estimate."""
+        weight = values_weight(output, axis, self.prior_values, transport.extent(output, axis))
         if weight > 0:
             return _blend(site, output, axis, transport, cache, weight)
         return transport.match(output, axis, site.table(output.device), cache)
+
+    def communicates(self, output: Tensor, axis: int) -> bool:
+        """Whether a synchronised forward pools this site's batch: always."""
+        return True
 
     def reset(self) -> None:
         """Nothing to forget: the estimate has no state."""
@@ -303,13 +462,20 @@ class PriorEstimate:
         self.batch = BatchEstimate(prior_values)
 
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
+        """The site's corrected output (``λ = 1``) under this estimate."""
         if self.prior == 0:
             return self.batch.correct(site, output, axis, transport, cache)
         if math.isinf(self.prior):
             return output
-        keep = (1 - values_weight(output, axis, self.batch.prior_values)) * (
-            output.shape[0] / (self.prior + output.shape[0]))
+        extent = transport.extent(output, axis)
+        samples = extent[0]
+        keep = (1 - values_weight(output, axis, self.batch.prior_values, extent)) * (
+            samples / (self.prior + samples))
         return _blend(site, output, axis, transport, cache, 1 - keep)
+
+    def communicates(self, output: Tensor, axis: int) -> bool:
+        """Whether a synchronised forward pools this site's batch: unless ``N0 = ∞`` (identity)."""
+        return not math.isinf(self.prior)
 
     def reset(self) -> None:
         """Nothing to forget: the estimate has no state."""
@@ -328,17 +494,22 @@ class EMAEstimate:
         self.state: Tensor | None = None
 
     def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
+        """The site's corrected output (``λ = 1``); moves the running estimate."""
         if self.momentum == 1.0:
             return self.batch.correct(site, output, axis, transport, cache)
         q_ref = site.table(output.device, levels=transport.blend_levels(site.stats.levels))
         q_batch, context = transport.batch_quantiles(output, axis, q_ref.shape[1], cache)
-        weight = values_weight(output, axis, self.batch.prior_values)
+        weight = values_weight(output, axis, self.batch.prior_values, transport.extent(output, axis))
         if weight > 0:  # the batch estimate's quantile function
             q_batch = torch.lerp(q_batch, q_ref, weight)
         previous = q_ref if self.state is None else self.state.to(q_ref.device)
         q_test = torch.where(q_batch.isnan(), previous, torch.lerp(previous, q_batch, self.momentum))
         self.state = _persistent(q_test.clone)
         return transport.through(output, axis, q_test, q_ref, context, cache)
+
+    def communicates(self, output: Tensor, axis: int) -> bool:
+        """Whether a synchronised forward pools this site's batch: always."""
+        return True
 
     def reset(self) -> None:
         """Forget the running estimate: the next batch starts from ``Q_ref``."""
@@ -360,13 +531,23 @@ class PerSampleEstimate:
         self.always = always
         self.fallback: str | None = always
 
-    def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
-        positions = output.numel() // max(output.shape[0] * output.shape[axis], 1)
+    def _fallback(self, output: Tensor, axis: int) -> str | None:
+        """Why this batch uses ``prior`` at the site (``None``: it does not). Decided from the
+        positions per sample only, so every process of a synchronised group decides alike."""
+        positions = math.prod(s for i, s in enumerate(output.shape) if i not in (0, axis))
         if self.always is None and positions < self.min_positions:
-            self.fallback = (f"prior: {positions} position(s) per sample, fewer than "
-                             f"min_positions={self.min_positions}")
-        else:
-            self.fallback = self.always
+            return (f"prior: {positions} position(s) per sample, fewer than "
+                    f"min_positions={self.min_positions}")
+        return self.always
+
+    def communicates(self, output: Tensor, axis: int) -> bool:
+        """Whether a synchronised forward pools this site's batch: only when it falls back to
+        ``prior`` (each sample's own map needs nothing from the other processes)."""
+        return self._fallback(output, axis) is not None and self.prior.communicates(output, axis)
+
+    def correct(self, site: _Site, output: Tensor, axis: int, transport, cache: ShapeCache) -> Tensor:
+        """The site's corrected output (``λ = 1``); records the fallback."""
+        self.fallback = self._fallback(output, axis)
         if self.fallback is not None:
             return self.prior.correct(site, output, axis, transport, cache)
         rows = per_sample_rows(output, axis, None)  # B·C×P, a copy unless already laid out so
@@ -415,6 +596,16 @@ class DMC(nn.Module):
     left out of every estimate; an empty batch returns the plain model's output and changes no
     state; a forward with a site module in train mode warns once.
 
+    Synchronised (docs/method.md § Synchronised correction): with ``process_group``, every process
+    of the group runs the wrapped model on its slice of one batch (the slices may differ in size,
+    an empty one included, but not on other axes), and every site estimates its channels' test
+    distribution on the concatenation of the slices in group-rank order: each process's output
+    is its rows of what one process computes on the concatenated batch (to float rounding, in
+    both modes). ``prior`` and ``ema`` count the whole batch and their state evolves alike on
+    every process; ``per-sample`` sites communicate only when they fall back to ``prior``. Every
+    process must call the wrapped model together (like ``SyncBatchNorm``); a process that fails
+    makes the others fail after the group's timeout instead of hanging.
+
     Args:
         model: the trained network (left in whatever train/eval mode it is in).
         stats: `ReferenceStats` fitted on this model, or the path of a stats file (loaded with
@@ -422,9 +613,15 @@ class DMC(nn.Module):
         options: a `DMCOptions`; or give its fields as keywords instead (``mode="exact"``,
             ``strength=…``, ``sites=…``, ``knots=…``, ``grid_sample=…``, ``seed=…``,
             ``estimate=…``, ``prior=…``, ``momentum=…``, ``min_positions=…``; see `DMCOptions`).
+        process_group: a ``torch.distributed`` process group (e.g. ``torch.distributed.group.WORLD``
+            once ``init_process_group`` has run) whose processes correct one batch together;
+            ``None`` (the default): each call corrects its own batch, no communication.
 
     Raises:
-        ValueError: a bad option or pattern; per-sample estimates without per-sample stats.
+        ValueError: a bad option or pattern; per-sample estimates without per-sample stats;
+            ``process_group`` given but ``torch.distributed`` not initialised, or not a group
+            this process belongs to. At a forward with ``process_group``: the processes' slices
+            differ beyond axis 0, or a site's channel axis is 0 (the batch axis).
         TypeError: ``stats`` is neither stats nor a path.
         torch_dmc.StatsMismatchError: the stats do not fit ``model``.
 
@@ -435,8 +632,14 @@ class DMC(nn.Module):
     """
 
     def __init__(self, model: nn.Module, stats: ReferenceStats | str | os.PathLike,
-                 options: DMCOptions | None = None, **kwargs):
+                 options: DMCOptions | None = None, *, process_group: ProcessGroup | None = None,
+                 **kwargs):
         super().__init__()
+        sync = None
+        if process_group is not None:
+            from ._sync import Sync  # torch.distributed only when asked for
+
+            sync = Sync(process_group)
         if options is not None and kwargs:
             raise ValueError("give DMC either an options object or keyword options, not both")
         options = options if options is not None else DMCOptions.from_kwargs(**kwargs)
@@ -461,6 +664,7 @@ class DMC(nn.Module):
         self._transport = (GridTransport(options.knots, options.grid_sample)
                            if options.mode == "grid" else ExactTransport())
         self._cache = ShapeCache(options.seed)
+        self._sync = sync
         self._warned_train = False
         self._handles = register_output_hooks(model, list(self._sites), self._correct)
         self._removed = False
@@ -469,6 +673,11 @@ class DMC(nn.Module):
     def mode(self) -> str:
         """``"exact"`` or ``"grid"``."""
         return self.options.mode
+
+    @property
+    def process_group(self) -> ProcessGroup | None:
+        """The process group the correction is synchronised over (``None``: none)."""
+        return None if self._sync is None else self._sync.group
 
     @property
     def sites(self) -> list[str]:
@@ -494,20 +703,37 @@ class DMC(nn.Module):
             site.estimate.reset()
         self._cache.clear()
 
+    def _synchronised(self, name: str, output: Tensor, axis: int) -> ExactTransport | GridTransport | None:
+        """The transport of a synchronised forward at a site (`None`: nothing to correct)."""
+        batch = self._sync.describe(name, output, axis)
+        if batch.numel == 0:  # the whole group's batch is empty: no state changes anywhere
+            return None
+        if isinstance(self._transport, GridTransport):
+            return SyncGridTransport(self.options.knots, self.options.grid_sample, self._sync, batch)
+        return SyncExactTransport(self._sync, batch)
+
     def _correct(self, name: str, output: Tensor) -> Tensor:
-        if output.numel() == 0:
-            return output
         site = self._sites[name]
-        if site.module.training and not self._warned_train:
+        if self._sync is None and output.numel() == 0:
+            return output
+        self.stats.check_output(name, output)
+        axis = self.stats.channel_axes[name] % output.dim()
+        transport = self._transport
+        if self._sync is not None and site.estimate.communicates(output, axis):
+            # every process joins, an empty slice too (docs/method.md § Synchronised correction)
+            transport = self._synchronised(name, output, axis)
+            if transport is None:
+                return output
+        elif output.numel() == 0:
+            return output
+        if site.module.training and not self._warned_train and output.numel() > 0:
             self._warned_train = True
             warnings.warn(
                 f"DMC: site {name!r} ({type(site.module).__name__}) runs in train mode, where "
                 "normalization layers use batch statistics and BatchNorm updates its running "
                 "statistics for good on test data; call model.eval() before correcting (warned "
                 "once per DMC)", UserWarning, stacklevel=2)
-        self.stats.check_output(name, output)
-        axis = self.stats.channel_axes[name] % output.dim()
-        y = site.estimate.correct(site, output, axis, self._transport, self._cache)
+        y = site.estimate.correct(site, output, axis, transport, self._cache)
         return y if site.strength == 1.0 else torch.lerp(output, y, site.strength)
 
     def forward(self, *args, **kwargs):
@@ -525,13 +751,16 @@ class DMC(nn.Module):
         return self.model
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, sites={len(self.sites)}"
+        synced = "" if self._sync is None else f", synchronised over {self._sync.size} processes"
+        return f"mode={self.mode!r}, sites={len(self.sites)}{synced}"
 
 
 @contextmanager
 def corrected(model: nn.Module, stats: ReferenceStats, options: DMCOptions | None = None,
               **kwargs) -> Iterator[DMC]:
     """Context manager: ``model`` is corrected inside the block and restored on exit.
+
+    Takes `DMC`'s arguments (``process_group=…`` included).
 
     Example:
         >>> with corrected(model, stats) as m:                        # doctest: +SKIP

@@ -18,6 +18,10 @@ batch's ranks: the ``prior`` and ``ema`` estimates blend quantile tables (`empir
 or `histogram_quantiles` without a sort) and invert them with `quantile_cdf`. Rows may also be
 ``B·C`` (sample, channel) pairs read with their channel's table: the ``per-sample`` estimate.
 
+Synchronised correction (docs/method.md § Synchronised correction) pools a batch split over
+processes: `transport_exact_columns` maps one process's columns of the gathered batch, and
+`histogram_levels` takes a `HistogramReduce` that combines ranges and counts across processes.
+
 Non-finite values (NaN, ±Inf) are left out of every estimate of a row's distribution and pass
 through every map unchanged (docs/method.md § Bad input): a row's ``N`` is its count of finite
 values, and a row without any passes through whole.
@@ -27,7 +31,7 @@ Nothing here loops over channels or samples in Python.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -42,11 +46,13 @@ __all__ = [
     "midrank_levels",
     "interp_quantiles",
     "transport_exact",
+    "transport_exact_columns",
     "wasserstein1",
     "empirical_quantiles",
     "quantile_cdf",
     "transport_quantiles",
     "Lut",
+    "HistogramReduce",
     "histogram_levels",
     "histogram_quantiles",
     "lut_from_sample",
@@ -218,6 +224,38 @@ def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
     return y if n.min() == x.shape[1] else torch.where(finite, y, x)
 
 
+def transport_exact_columns(pool: Tensor, q_ref: Tensor, start: int, stop: int) -> Tensor:
+    """``transport_exact(pool, q_ref)[:, start:stop]``, without mapping the other columns.
+
+    The values of columns ``start:stop`` ranked among all of ``pool``'s (one sort of ``pool``,
+    the same arithmetic as `transport_exact`, so the same result bit for bit). Synchronised exact
+    mode (docs/method.md § Synchronised correction) passes every process's values, concatenated
+    in rank order, as ``pool`` and this process's columns as ``start:stop``.
+
+    Args:
+        pool: ``C×N`` values (``N >= 1``), channel-major; non-finite ones are left out of the ranks.
+        q_ref: ``C×K`` reference quantile table.
+        start, stop: the columns to map, ``0 <= start <= stop <= N``.
+
+    Returns:
+        ``C×(stop - start)`` corrected values in the dtype of ``pool``; non-finite values pass
+        through.
+    """
+    _check_matrix(pool, "pool")
+    if pool.shape[0] != q_ref.shape[0]:
+        raise ValueError(f"pool has {pool.shape[0]} rows but the reference has {q_ref.shape[0]} channels")
+    if not 0 <= start <= stop <= pool.shape[1]:
+        raise ValueError(f"columns {start}:{stop} are not within the pool's {pool.shape[1]}")
+    sorted_x, order, finite, n = _finite_sorted(pool)
+    first, last = tie_run_bounds(sorted_x)
+    u_sorted = (first + last + 1).to(q_ref.dtype) / (2 * n.clamp_min(1))  # as in transport_exact
+    u = torch.empty_like(u_sorted).scatter_(1, order, u_sorted)[:, start:stop]
+    x = pool[:, start:stop]
+    y = interp_quantiles(q_ref, u).to(pool.dtype)
+    kept = finite[:, start:stop]
+    return y if bool(kept.all()) else torch.where(kept, y, x)
+
+
 def wasserstein1(x: Tensor, q_ref: Tensor) -> Tensor:
     """Per-channel 1-D Wasserstein-1 distance between the values ``x`` and a quantile table.
 
@@ -339,10 +377,26 @@ class Lut(NamedTuple):
     step: Tensor  # C
 
 
-def _histogram(values: Tensor, finite: Tensor, count: Tensor, lo: Tensor, hi: Tensor,
-               size: int) -> tuple[Tensor, Tensor]:
+class HistogramReduce(Protocol):
+    """How `histogram_levels` combines its per-row range and counts with other processes'.
+
+    Synchronised correction (docs/method.md § Synchronised correction) passes one whose methods
+    are collectives over a process group, so every process gets the histogram of the union of
+    their values; ``None`` (the default everywhere else) keeps everything local.
+    """
+
+    def range(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """The elementwise minimum of ``lo`` and maximum of ``hi`` (both ``C``) over processes."""
+
+    def sum(self, counts: Tensor) -> Tensor:
+        """The elementwise sum over processes of ``C×B`` integer cell counts."""
+
+
+def _histogram(values: Tensor, finite: Tensor, count: Tensor | None, lo: Tensor, hi: Tensor,
+               size: int, reduce: HistogramReduce | None = None) -> tuple[Tensor, Tensor]:
     """Node spacing and average-rank node levels of finite ``values`` on ``size`` nodes over
-    ``[lo, hi]`` (values outside fall in the end nodes' cells); see `histogram_levels`."""
+    ``[lo, hi]`` (values outside fall in the end nodes' cells); see `histogram_levels`. With
+    ``reduce`` the counts are summed over processes and ``count`` is their row sum."""
     c = values.shape[0]
     step = (hi - lo) / (size - 1)
     # an all-equal channel gets step 1; a subnormal step would make 1/step overflow
@@ -352,13 +406,29 @@ def _histogram(values: Tensor, finite: Tensor, count: Tensor, lo: Tensor, hi: Te
     cell = cell.masked_fill_(~finite, size)  # non-finite values go to a discarded extra cell
     offsets = (torch.arange(c, device=values.device) * (size + 1)).unsqueeze(1)
     counts = torch.bincount((cell.long() + offsets).flatten(), minlength=c * (size + 1))
-    counts = counts.view(c, size + 1)[:, :size].to(torch.float32)
+    counts = counts.view(c, size + 1)[:, :size]
+    if reduce is not None:
+        counts = reduce.sum(counts)
+        count = counts.sum(dim=1)
+    counts = counts.to(torch.float32)
     level = (counts.cumsum(dim=1) - counts / 2) / count.unsqueeze(1)  # (b_j + n_j / 2) / M
     return step, level
 
 
+def _finite_range(v: Tensor, finite: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's finite minimum and maximum (``+inf`` and ``-inf`` for a row without any)."""
+    if v.shape[1] > 0 and bool(count.min() == v.shape[1]):
+        return v.aminmax(dim=1)
+    if v.shape[1] == 0:
+        return (torch.full(v.shape[:1], float("inf"), device=v.device),
+                torch.full(v.shape[:1], float("-inf"), device=v.device))
+    return (v.masked_fill(~finite, float("inf")).amin(dim=1),
+            v.masked_fill(~finite, float("-inf")).amax(dim=1))
+
+
 @torch.no_grad()
-def histogram_levels(values: Tensor, size: int, *, robust: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def histogram_levels(values: Tensor, size: int, *, robust: bool = True,
+                     reduce: HistogramReduce | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The average-rank level of each of ``size`` uniform nodes over the values' range: no sort.
 
     The nodes ``lo + j·step`` span each row's range ``[lo, hi]``. Every value belongs to its
@@ -381,25 +451,29 @@ def histogram_levels(values: Tensor, size: int, *, robust: bool = True) -> tuple
         values: ``C×M`` values per channel (all of a batch's, or a random subsample).
         size: nodes ``B >= 2`` per channel.
         robust: narrow the range around the bulk of the values as above.
+        reduce: combine range and counts with other processes' (`HistogramReduce`): the result
+            is then the histogram of the union of every process's ``values`` (each process may
+            hold any number of columns, none included), the same on every process, and every
+            process must call with the same ``C``, ``size`` and ``robust``.
 
     Returns:
         ``(lo, step, level)``: ``C``, ``C`` and ``C×B`` float32; an all-equal row gets step 1, and
         a row without a finite value gets ``lo = 0`` and NaN levels.
     """
-    _check_matrix(values, "values")
+    if reduce is None or values.dim() != 2:
+        _check_matrix(values, "values")
     if size < 2:
         raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
     v = values.float()
     finite = torch.isfinite(v)
     count = finite.sum(dim=1)
-    if bool(count.min() == v.shape[1]):
-        lo, hi = v.aminmax(dim=1)
-    else:
-        lo = v.masked_fill(~finite, float("inf")).amin(dim=1)
-        hi = v.masked_fill(~finite, float("-inf")).amax(dim=1)
-        empty = count == 0
+    lo, hi = _finite_range(v, finite, count)
+    if reduce is not None:
+        lo, hi = reduce.range(lo, hi)
+    empty = lo > hi  # no finite value (in any process)
+    if bool(empty.any()):
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    step, level = _histogram(v, finite, count, lo, hi, size)
+    step, level = _histogram(v, finite, count, lo, hi, size, reduce)
     for _ in range(REFINEMENTS if robust else 0):
         t = torch.tensor([OUTLIER_LEVEL, 1 - OUTLIER_LEVEL], device=v.device).expand(v.shape[0], 2)
         q = _invert_levels(lo, step, level.nan_to_num(0.0), t)
@@ -410,7 +484,7 @@ def histogram_levels(values: Tensor, size: int, *, robust: bool = True) -> tuple
         if not bool(narrow.any()):
             break
         lo, hi = torch.where(narrow, new_lo, lo), torch.where(narrow, new_hi, hi)
-        step, level = _histogram(v, finite, count, lo, hi, size)
+        step, level = _histogram(v, finite, count, lo, hi, size, reduce)
     return lo, step, level
 
 
@@ -424,7 +498,8 @@ def _invert_levels(lo: Tensor, step: Tensor, level: Tensor, t: Tensor) -> Tensor
     return lo.unsqueeze(1) + (lo_idx + frac) * step.unsqueeze(1)
 
 
-def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
+def lut_from_sample(values: Tensor, q_ref: Tensor, size: int, *,
+                    reduce: HistogramReduce | None = None) -> Lut:
     """Grid transport ``x ↦ Q_ref(F̂(x))`` tabulated on ``size`` uniform nodes per channel.
 
     ``F̂`` is the histogram CDF of `histogram_levels` (average-rank levels, no sort). A value's
@@ -438,11 +513,12 @@ def lut_from_sample(values: Tensor, q_ref: Tensor, size: int) -> Lut:
             of order ``1/sqrt(M)``). Per-sample use: ``B·C`` rows ordered (sample, channel).
         q_ref: ``C×K`` reference quantile table.
         size: nodes ``B >= 2`` per channel.
+        reduce: pool the histogram over processes (see `histogram_levels`).
 
     Returns:
         The `Lut` (``C×B`` table, or ``B·C`` rows).
     """
-    lo, step, level = histogram_levels(values, size)
+    lo, step, level = histogram_levels(values, size, reduce=reduce)
     # a row without finite values has NaN levels; its table is never read (all pass through)
     return Lut(interp_quantiles(q_ref, level.nan_to_num(0.5)), lo, step)
 
