@@ -34,6 +34,7 @@ __all__ = [
     "check_out",
     "new_outputs",
     "atomic_path",
+    "add_dist_timeout_argument",
 ]
 
 DEMO_CORRUPTIONS = ("gaussian_noise", "impulse_noise", "defocus_blur", "fog", "contrast")
@@ -274,23 +275,54 @@ def _add_fit(sub) -> None:
     p.add_argument("--per-sample", action="store_true",
                    help="also fit the reference of the per-sample estimate (dmc-per-sample); "
                    "doubles the fit's cost and the file's size")
+    add_dist_timeout_argument(p)
+
+
+def add_dist_timeout_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--dist-timeout`` (used only under torchrun; docs/distributed.md)."""
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="under torchrun: how long a process waits for a sign of life of "
+                        "another one, or for a collective, before the command fails (default: "
+                        "$DMC_DIST_TIMEOUT, else 600)")
 
 
 def _run_fit(args) -> int:
+    from .bench import dist
     from .bench.datasets import open_fit_images
-    from .bench.fitting import fit_reference
+    from .bench.fitting import finish_reference, fit_reference, fit_reference_part, fit_subset
     from .bench.inputs import ModelSpec, check_model_fits, resolve_model
 
-    check_int_flags(args, {"images": 1, "batch_size": 1, "levels": 2, "seed": 0, "workers": 0})
-    out = check_out(args.out, folder=False)
-    model = resolve_model(ModelSpec.from_args(args)).model  # a bad --model is reported here
-    _, images = open_fit_images(args.data, "--data")
-    check_model_fits(model, images.read([0, 1][: len(images)]))
-    stats = fit_reference(model, images, n=args.images, seed=args.seed, levels=args.levels,
-                          batch_size=args.batch_size, workers=args.workers,
-                          sites=site_patterns(args.sites), per_sample=args.per_sample,
-                          skip_nonfinite=args.skip_nonfinite,
-                          channel_axes=parse_channel_axes(args.channel_axes))
+    def setup():
+        check_int_flags(args, {"images": 1, "batch_size": 1, "levels": 2, "seed": 0, "workers": 0})
+        out = check_out(args.out, folder=False)
+        model = resolve_model(ModelSpec.from_args(args)).model  # a bad --model is reported here
+        _, images = open_fit_images(args.data, "--data")
+        check_model_fits(model, images.read([0, 1][: len(images)]))
+        options = dict(n=args.images, seed=args.seed, levels=args.levels,
+                       batch_size=args.batch_size, workers=args.workers,
+                       sites=site_patterns(args.sites), per_sample=args.per_sample,
+                       skip_nonfinite=args.skip_nonfinite,
+                       channel_axes=parse_channel_axes(args.channel_axes))
+        return out, model, images, options
+
+    session = dist.current()
+    if session is None:
+        out, model, images, options = setup()
+        stats = fit_reference(model, images, **options)
+    else:  # under torchrun: each rank fits its share of the batches, rank 0 merges and writes
+        out, model, images, options = session.agree("fit-setup", setup)
+        part = fit_reference_part(model, images, rank=session.rank,
+                                  world_size=session.world_size, progress=session.is_root,
+                                  **options)
+        parts = session.gather("fit", part.portable())
+        if parts is None:
+            return 0
+        merged = parts[0]
+        for other in parts[1:]:
+            merged.merge(other)
+        n_rows = len(fit_subset(len(images), args.images, args.seed))
+        stats = finish_reference(merged, model, images=n_rows, batch_size=args.batch_size,
+                                 world_size=session.world_size)
     with new_outputs(out):
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(out) as tmp:
@@ -511,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dmc`` console script: run one sub-command, return its exit status.
 
     A user error gives one line on stderr and status 2 (``--debug``: the traceback instead).
+    Under torchrun (``RANK`` and ``WORLD_SIZE`` set) the process runs as one rank of the job,
+    through `torch_dmc.bench.dist.run` (docs/distributed.md); otherwise nothing of
+    ``torch.distributed`` is initialised.
     """
     parser = argparse.ArgumentParser(
         prog="dmc", description="Distribution Mismatch Correction for trained PyTorch classifiers.")
@@ -531,6 +566,14 @@ def main(argv: list[str] | None = None) -> int:
     runners = {"demo": _run_demo, "train": _run_train, "fit": _run_fit, "sites": _run_sites,
                "bench": run_bench, "tune": run_tune, "report": _run_report, "perf": _run_perf}
     args = parser.parse_args(argv)
+    from .bench import dist
+
+    try:
+        launched = dist.world().launched
+    except ValueError as err:
+        return fail(args.command, error_message(err))
+    if launched:  # under torchrun (RANK and WORLD_SIZE set): docs/distributed.md
+        return dist.run(args.command, runners[args.command], args)
     return run_command(args.command, runners[args.command], args)
 
 

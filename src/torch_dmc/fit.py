@@ -4,10 +4,13 @@ Like ``torch.ao.quantization``'s observers: `SiteObserver` records a site's outp
 absorbs another observer of the same site (merge: across data shards or processes) and turns what
 it saw into the site's tables (finalize). `fit` is prepare → calibrate → convert: observers on
 hooks, the model run over the data, `ReferenceStats` out. The model is never changed.
+`fit_part` stops before the last step: its `FitPart` merges with the parts of other data shards
+(``dmc fit`` under torchrun: one per process) and is finalized once.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -30,7 +33,7 @@ from .sketch import QuantileSketch
 from .stats_io import ReferenceStats
 from .transport import all_finite, empirical_quantiles
 
-__all__ = ["SiteObserver", "fit", "batch_input", "per_sample_rows"]
+__all__ = ["SiteObserver", "FitPart", "fit", "fit_part", "batch_input", "per_sample_rows"]
 
 
 def batch_input(batch) -> Tensor:
@@ -167,7 +170,13 @@ class SiteObserver:
         return output[keep]
 
     def merge(self, other: SiteObserver) -> SiteObserver:
-        """Absorb an observer of the same site (e.g. from another data shard); returns ``self``."""
+        """Absorb an observer of the same site (e.g. from another data shard); returns ``self``.
+
+        An observer that saw no output yet takes the other's channel axis (decided by its first
+        output).
+        """
+        if self.sketch is None and other.sketch is not None:
+            self.channel_axis = other.channel_axis
         if other.sketch is not None:
             self.sketch = other.sketch if self.sketch is None else self.sketch.merge(other.sketch)
         if other.sample_sum is not None:
@@ -211,6 +220,165 @@ def _check_fit_arguments(levels, samples_per_batch, capacity, per_sample_images,
     positive_int(capacity, "capacity", least=2)
     positive_int(per_sample_images, "per_sample_images", none_ok=True)
     positive_int(max_batches, "max_batches", none_ok=True)
+
+
+class FitPart:
+    """An un-finalised fit: the observers of every site after some batches, and the counts.
+
+    `fit_part` returns one, `merge` absorbs another fitted on other batches of the same model
+    (e.g. another process's share of the data: the sketches, per-sample sums and non-finite
+    counts all merge), and `finalize` turns it into the `ReferenceStats` that `fit` returns. Sent
+    between processes, a part goes through `portable` first: it then holds no module and no
+    random generator, only tensors and numbers (pickled with ``torch.save``).
+
+    Attributes:
+        observers: site name → its `SiteObserver`, in model order.
+        module_types: site name → class name of the site's module.
+        images, batches, empty: images and non-empty batches seen, empty batches skipped.
+        settings: the fit's options recorded in ``info`` (``levels``, ``samples_per_batch``,
+            ``capacity``, ``seed``, ``per_sample``, ``per_sample_images``, ``skip_nonfinite``).
+    """
+
+    def __init__(self, observers: dict[str, SiteObserver], module_types: dict[str, str],
+                 settings: dict, images: int = 0, batches: int = 0, empty: int = 0):
+        self.observers = observers
+        self.module_types = module_types
+        self.settings = settings
+        self.images, self.batches, self.empty = images, batches, empty
+
+    def merge(self, other: FitPart) -> FitPart:
+        """Absorb a part of the same sites fitted on other batches; returns ``self``.
+
+        Raises:
+            ValueError: the parts have other sites or other settings (``seed`` may differ).
+        """
+        if list(other.observers) != list(self.observers):
+            raise ValueError(f"cannot merge fits of other sites: {list(other.observers)} into "
+                             f"{list(self.observers)}")
+        mine = {k: v for k, v in self.settings.items() if k != "seed"}
+        theirs = {k: v for k, v in other.settings.items() if k != "seed"}
+        if mine != theirs:
+            raise ValueError(f"cannot merge fits of other settings: {theirs} into {mine}")
+        for name, observer in self.observers.items():
+            observer.merge(other.observers[name])
+        self.images += other.images
+        self.batches += other.batches
+        self.empty += other.empty
+        return self
+
+    def portable(self) -> FitPart:
+        """A copy to send to another process: no modules, no generators (tensors are shared)."""
+        observers = {}
+        for name, o in self.observers.items():
+            c = copy.copy(o)
+            c.module = c.generator = c.sample_generator = None
+            if o.sketch is not None:
+                c.sketch = copy.copy(o.sketch)
+                c.sketch.generator = None
+            observers[name] = c
+        return FitPart(observers, dict(self.module_types), dict(self.settings), self.images,
+                       self.batches, self.empty)
+
+    def finalize(self, model: nn.Module) -> ReferenceStats:
+        """The `ReferenceStats` of everything seen (``model``: the fitted one, for the
+        fingerprint).
+
+        Raises:
+            ValueError: no batch with images was seen, or a site produced no finite output.
+        """
+        if self.batches == 0:
+            raise ValueError("fit received no batches with images: `data` "
+                             f"{'held only empty batches' if self.empty else 'is empty'}")
+        s = self.settings
+        observers = self.observers
+        tables = {n: o.finalize(s["levels"]) for n, o in observers.items()}
+        channels = {n: t[0].shape[0] for n, t in tables.items()}
+        info = {
+            "torch_dmc_version": __version__,
+            "images": self.images,
+            "batches": self.batches,
+            "samples_per_batch": s["samples_per_batch"],
+            "capacity": s["capacity"],
+            "seed": s["seed"],
+            "rank_error_bound": max(o.sketch.rank_error_bound() for o in observers.values()),
+            "per_sample_images": s["per_sample_images"] if s["per_sample"] else None,
+            "per_sample_samples": {n: o.sample_count for n, o in observers.items()
+                                   if o.sample_sum is not None},
+        }
+        if self.empty:
+            info["empty_batches"] = self.empty
+        if s["skip_nonfinite"]:
+            info["nonfinite_skipped"] = {n: {"values": o.skipped_values, "samples": o.skipped_samples}
+                                         for n, o in observers.items() if o.skipped_values}
+        return ReferenceStats(
+            quantiles={n: t[0] for n, t in tables.items()},
+            channel_axes={n: o.channel_axis for n, o in observers.items()},
+            module_types=dict(self.module_types),
+            fingerprint=site_fingerprint(model, channels),
+            info=info,
+            per_sample={n: t[1] for n, t in tables.items() if t[1] is not None},
+        )
+
+
+def fit_part(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: int = 1024,
+             max_batches: int | None = None, device: torch.device | str | None = None,
+             progress: bool = True, channel_axes: int | Mapping[str, int] | None = None,
+             samples_per_batch: int | None = 1024, capacity: int = 4096, seed: int = 0,
+             per_sample: bool = False, per_sample_images: int | None = 32,
+             skip_nonfinite: bool = False) -> FitPart:
+    """`fit` without its last step: the `FitPart` of ``data``, to merge with others.
+
+    Takes the arguments of `fit` (see there). ``fit(model, data, **kw)`` is
+    ``fit_part(model, data, **kw).finalize(model)``. Unlike `fit`, data without a batch is not
+    an error here (a process's share may be empty); `FitPart.finalize` raises then.
+    """
+    _check_fit_arguments(levels, samples_per_batch, capacity, per_sample_images, max_batches)
+    names = select_sites(model, sites)
+    overrides = channel_axis_overrides(names, channel_axes)
+    modules = dict(model.named_modules())
+    device = torch.device(device) if device is not None else model_device(model)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    sample_generator = torch.Generator(device="cpu").manual_seed(seed + 1)
+    observers = {
+        n: SiteObserver(n, modules[n], overrides[n], levels=levels, capacity=capacity,
+                        samples_per_batch=samples_per_batch, generator=generator,
+                        per_sample=per_sample, per_sample_images=per_sample_images,
+                        sample_generator=sample_generator, skip_nonfinite=skip_nonfinite)
+        for n in names
+    }
+    counter = {"batch": 0}
+    handles = register_output_hooks(
+        model, names, lambda name, output: observers[name].observe(output, counter["batch"]))
+    modes = _modes(model)
+    images = batches = empty = 0
+    total = max_batches
+    if total is None and hasattr(data, "__len__"):
+        total = len(data)
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for index, batch in enumerate(tqdm(data, total=total, desc="fit", unit="batch",
+                                               disable=not progress)):
+                if max_batches is not None and batches >= max_batches:
+                    break
+                x = batch_input(batch)
+                if x.shape[0] == 0:
+                    empty += 1
+                    continue
+                counter["batch"] = index
+                model(x.to(device))
+                images += x.shape[0]
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for module, mode in modes:
+            module.training = mode
+    settings = {"levels": levels, "samples_per_batch": samples_per_batch, "capacity": capacity,
+                "seed": seed, "per_sample": per_sample, "per_sample_images": per_sample_images,
+                "skip_nonfinite": skip_nonfinite}
+    return FitPart(observers, {n: type(modules[n]).__name__ for n in names}, settings,
+                   images, batches, empty)
 
 
 def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: int = 1024,
@@ -266,74 +434,8 @@ def fit(model: nn.Module, data: Iterable, *, sites: SiteSpec = "norm", levels: i
         >>> stats = fit(model, train_loader)                          # doctest: +SKIP
         >>> stats.save("model.dmc.safetensors")                       # doctest: +SKIP
     """
-    _check_fit_arguments(levels, samples_per_batch, capacity, per_sample_images, max_batches)
-    names = select_sites(model, sites)
-    overrides = channel_axis_overrides(names, channel_axes)
-    modules = dict(model.named_modules())
-    device = torch.device(device) if device is not None else model_device(model)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    sample_generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-    observers = {
-        n: SiteObserver(n, modules[n], overrides[n], levels=levels, capacity=capacity,
-                        samples_per_batch=samples_per_batch, generator=generator,
-                        per_sample=per_sample, per_sample_images=per_sample_images,
-                        sample_generator=sample_generator, skip_nonfinite=skip_nonfinite)
-        for n in names
-    }
-    counter = {"batch": 0}
-    handles = register_output_hooks(
-        model, names, lambda name, output: observers[name].observe(output, counter["batch"]))
-    modes = _modes(model)
-    images = batches = empty = 0
-    total = max_batches
-    if total is None and hasattr(data, "__len__"):
-        total = len(data)
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for index, batch in enumerate(tqdm(data, total=total, desc="fit", unit="batch",
-                                               disable=not progress)):
-                if max_batches is not None and batches >= max_batches:
-                    break
-                x = batch_input(batch)
-                if x.shape[0] == 0:
-                    empty += 1
-                    continue
-                counter["batch"] = index
-                model(x.to(device))
-                images += x.shape[0]
-                batches += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for module, mode in modes:
-            module.training = mode
-    if batches == 0:
-        raise ValueError("fit received no batches with images: `data` "
-                         f"{'held only empty batches' if empty else 'is empty'}")
-    tables = {n: observers[n].finalize(levels) for n in names}
-    channels = {n: t[0].shape[0] for n, t in tables.items()}
-    info = {
-        "torch_dmc_version": __version__,
-        "images": images,
-        "batches": batches,
-        "samples_per_batch": samples_per_batch,
-        "capacity": capacity,
-        "seed": seed,
-        "rank_error_bound": max(o.sketch.rank_error_bound() for o in observers.values()),
-        "per_sample_images": per_sample_images if per_sample else None,
-        "per_sample_samples": {n: o.sample_count for n, o in observers.items() if o.sample_sum is not None},
-    }
-    if empty:
-        info["empty_batches"] = empty
-    if skip_nonfinite:
-        info["nonfinite_skipped"] = {n: {"values": o.skipped_values, "samples": o.skipped_samples}
-                                     for n, o in observers.items() if o.skipped_values}
-    return ReferenceStats(
-        quantiles={n: t[0] for n, t in tables.items()},
-        channel_axes={n: o.channel_axis for n, o in observers.items()},
-        module_types={n: type(modules[n]).__name__ for n in names},
-        fingerprint=site_fingerprint(model, channels),
-        info=info,
-        per_sample={n: t[1] for n, t in tables.items() if t[1] is not None},
-    )
+    return fit_part(model, data, sites=sites, levels=levels, max_batches=max_batches, device=device,
+                    progress=progress, channel_axes=channel_axes,
+                    samples_per_batch=samples_per_batch, capacity=capacity, seed=seed,
+                    per_sample=per_sample, per_sample_images=per_sample_images,
+                    skip_nonfinite=skip_nonfinite).finalize(model)

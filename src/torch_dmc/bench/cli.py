@@ -22,7 +22,15 @@ from pathlib import Path
 import torch
 
 from .. import methods as methods_mod
-from ..cli import check_int_flags, check_out, error_message, new_outputs, require_path, run_command
+from ..cli import (
+    add_dist_timeout_argument,
+    check_int_flags,
+    check_out,
+    error_message,
+    new_outputs,
+    require_path,
+    run_command,
+)
 from ..data import corruptions
 from ..data.specs import DataSpec
 from ..methods.base import has_batchnorm
@@ -237,6 +245,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="use these DMC stats (a .safetensors written by ReferenceStats.save, "
         "e.g. by `dmc tune`) instead of fitting",
     )
+    add_dist_timeout_argument(parser)
 
 
 def _set_threads(args) -> None:
@@ -421,7 +430,20 @@ def _holds_results(out: Path) -> bool:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .runner import resolve_model, run_benchmark
+    from . import dist
+
+    session = dist.current()
+    if session is None:
+        protocol, out, extra, model = _bench_setup(args)
+    else:  # under torchrun: every rank checks the flags and loads the model
+        protocol, out, extra, model = session.agree("bench-setup", lambda: _bench_setup(args))
+    return _bench_run(args, protocol, out, extra, model, session)
+
+
+def _bench_setup(args: argparse.Namespace):
+    """Check the flags, read the method configs, load the model: ``(protocol, out, extra
+    config, resolved model)``."""
+    from .runner import resolve_model
 
     check_int_flags(args, BENCH_MINIMUMS)
     protocol, method_config = bench_protocol(args)
@@ -468,7 +490,22 @@ def _bench(args: argparse.Namespace) -> int:
     if args.methods is None:  # defaults: only those that apply to this model
         protocol = dataclasses.replace(protocol, methods=applicable_defaults(
             protocol.methods, model.model, "--methods"))
-    with new_outputs(out, keep=lambda: _holds_results(out)):
+    return protocol, out, extra, model
+
+
+def _bench_run(args: argparse.Namespace, protocol: Protocol, out: Path, extra: dict | None,
+               model, session) -> int:
+    """Run the benchmark and print where the results are (under torchrun: rank 0 does)."""
+    import contextlib
+
+    from .dist import device_for
+    from .runner import run_benchmark
+
+    device = args.device if session is None else device_for(args.device, session.world)
+    # only the writing rank removes the folder of a failed run (the others never created it)
+    cleanup = (new_outputs(out, keep=lambda: _holds_results(out))
+               if session is None or session.is_root else contextlib.nullcontext())
+    with cleanup:
         config = run_benchmark(
             protocol,
             out,
@@ -479,11 +516,14 @@ def _bench(args: argparse.Namespace) -> int:
             cache_dir=args.cache,
             workers=int(args.workers),
             progress=not args.no_progress,
-            device=args.device,
+            device=device,
             jobs=int(args.jobs),
             channels_last={"auto": None, "on": True, "off": False}[args.channels_last],
             extra_config=extra,
+            session=session,
         )
+    if session is not None and not session.is_root:
+        return 0
     described = config.get("method_config") or []
     for entry in described if isinstance(described, list) else [described]:
         tuned_sum = entry.get("stats_checksum")

@@ -39,7 +39,7 @@ from torch import nn
 from .. import methods as methods_mod
 from ..data import arrays, corruptions
 from ..sites import model_device as _model_device
-from . import provenance
+from . import dist, provenance
 from .config import PROTOCOL_NOTES, check_same_model, check_same_stats, now, read_previous, write_json
 from .datasets import BenchData, bench_data_from_arrays, open_bench_data
 from .evaluate import OpenSets, evaluate_unit, stream_errors
@@ -184,6 +184,7 @@ def run_benchmark(
     extra_config: dict | None = None,
     plots: bool = True,
     log: Callable[[str], None] = print,
+    session: dist.Session | None = None,
 ) -> dict[str, Any]:
     """Run every pending cell of ``protocol`` and write the results folder ``out``.
 
@@ -216,152 +217,243 @@ def run_benchmark(
         extra_config: more entries for ``config.json`` (e.g. the method config file used).
         plots: write the PNG plots (``report.md`` is always written).
         log: where to print one-line messages.
+        session: run as one rank of a torchrun job (:mod:`torch_dmc.bench.dist`; every rank
+            calls this with the same arguments): rank 0 opens the folder, gets the stats and
+            writes everything; the pending units are shared out in contiguous blocks
+            (:func:`~torch_dmc.bench.dist.split`), each rank runs its block and sends its
+            results to rank 0 as they finish. ``jobs`` must be 1. The rows do not depend on the
+            number of ranks (docs/distributed.md).
 
     Returns:
-        The ``config.json`` content.
+        The ``config.json`` content (on ranks other than 0: ``{}``).
     """
     from .report import finish
 
     t_start = time.perf_counter()
     started = now()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    root = session is None or session.is_root
+    if not root:
+        progress, log = False, _no_log
     results_path, config_path = out / "results.csv", out / "config.json"
     resolved = model if isinstance(model, ResolvedModel) else ResolvedModel(model, "object", {})
     net = resolved.model
     net.eval()
     if jobs < 1:
         raise ValueError(f"jobs must be at least 1, found {jobs}")
+    if jobs > 1 and session is not None:
+        raise ValueError(f"--jobs {jobs}: under torchrun every process runs its share of the cells "
+                         "already; use --jobs 1 and more processes (torchrun --nproc-per-node).")
     need_stats = _needs_stats(protocol)
-    reuse_stats = resume and (out / "stats.safetensors").is_file()
-    bench, data_args = _as_bench_data(data, protocol, cache_dir=cache_dir, workers=workers,
-                                      progress=progress,
-                                      need_fit=need_stats and stats_path is None and not reuse_stats)
-    if bench.clean is None and protocol.clean:
-        protocol = dataclasses.replace(protocol, clean=False)
-        log("no clean test set (pass --clean-data SPEC for clean cells): running corrupted cells only")
-    _check_corruptions(protocol, bench)
-    check_model_fits(net, bench.sample(2), num_classes=bench.num_classes)
-    if device is not None:
-        net.to(device)
-    on_cpu = _model_device(net).type == "cpu"
-    if jobs > 1 and not on_cpu:
-        raise ValueError(
-            f"jobs={jobs} runs cells in parallel CPU processes, but the model is on "
-            f"{_model_device(net)}; use one job on an accelerator."
-        )
-    if channels_last is None:
-        channels_last = on_cpu and not channels_last_unsafe(net)
-    elif channels_last and channels_last_unsafe(net):
-        raise ValueError(
-            "--channels-last on: the model has GroupNorm layers, and torch's CPU GroupNorm backward "
-            "crashes (segmentation fault) on channels-last inputs, which a method with gradients "
-            "(tent) runs; use --channels-last off or auto")
-    fit_net = net  # the reference is fitted on the model as given (the same stats as `dmc fit`)
-    if channels_last:  # a copy: the caller's model keeps its layout
-        net = copy.deepcopy(net).to(memory_format=torch.channels_last)
 
-    previous = read_previous(out, protocol, resume=resume,
-                             has_results=results_path.is_file() and bool(read_results(results_path)))
-    model_info = resolved.describe()
-    if previous:
-        check_same_model(out, previous.get("model", {}), model_info)
+    def prepare() -> _Prepared:  # every rank: the data and the model as the units need them
+        if root:
+            out.mkdir(parents=True, exist_ok=True)
+        reuse_stats = resume and (out / "stats.safetensors").is_file()
+        need_fit = root and need_stats and stats_path is None and not reuse_stats
+        bench, data_args = _as_bench_data(data, protocol, cache_dir=cache_dir, workers=workers,
+                                          progress=progress, need_fit=need_fit)
+        prot = protocol
+        if bench.clean is None and prot.clean:
+            prot = dataclasses.replace(prot, clean=False)
+            log("no clean test set (pass --clean-data SPEC for clean cells): running corrupted cells only")
+        _check_corruptions(prot, bench)
+        check_model_fits(net, bench.sample(2), num_classes=bench.num_classes)
+        if device is not None:
+            net.to(device)
+        on_cpu = _model_device(net).type == "cpu"
+        if jobs > 1 and not on_cpu:
+            raise ValueError(
+                f"jobs={jobs} runs cells in parallel CPU processes, but the model is on "
+                f"{_model_device(net)}; use one job on an accelerator."
+            )
+        layout = channels_last
+        if layout is None:
+            layout = on_cpu and not channels_last_unsafe(net)
+        elif layout and channels_last_unsafe(net):
+            raise ValueError(
+                "--channels-last on: the model has GroupNorm layers, and torch's CPU GroupNorm "
+                "backward crashes (segmentation fault) on channels-last inputs, which a method with "
+                "gradients (tent) runs; use --channels-last off or auto")
+        # the reference is fitted on the model as given (the same stats as `dmc fit`); the
+        # units run a channels-last copy (the caller's model keeps its layout)
+        run_net = copy.deepcopy(net).to(memory_format=torch.channels_last) if layout else net
+        return _Prepared(prot, bench, data_args, net, run_net, bool(layout))
 
-    check_methods_apply(protocol, net)  # before any fit: e.g. bn on a model with no BatchNorm
-    stats, stats_info = None, None
-    if need_stats:
-        if stats_path is not None:
-            from .. import ReferenceStats
+    prep = prepare() if session is None else session.agree("bench-data", prepare)
+    protocol, bench, net = prep.protocol, prep.bench, prep.run_net
+    state: dict[str, Any] = {}
 
-            stats = ReferenceStats.load(stats_path, model=net)
-            where = str(stats_path)
-            check_per_sample(stats, where, _needs_per_sample(protocol))
-        else:
-            where = str(out / "stats.safetensors")
-            stats = obtain_stats(fit_net, bench.fit, out / "stats.safetensors",
-                                 fit_images=protocol.fit_images, fit_seed=protocol.fit_seed,
-                                 fit_levels=protocol.fit_levels,
-                                 reuse=resume, progress=progress, log=log,
-                                 per_sample=_needs_per_sample(protocol), workers=workers)
-        stats_info = {"path": where, "checksum": stats.checksum(), "levels": stats.levels,
-                      "sites": stats.sites, "fit_info": stats.info}
-        check_same_stats(out, previous, stats_info)
+    def setup() -> dict[str, Any]:  # rank 0: the folder, the stats, config.json, the pending units
+        previous = read_previous(out, protocol, resume=resume,
+                                 has_results=results_path.is_file() and bool(read_results(results_path)))
+        model_info = resolved.describe()
+        if previous:
+            check_same_model(out, previous.get("model", {}), model_info)
+        check_methods_apply(protocol, net)  # before any fit: e.g. bn on a model with no BatchNorm
+        stats, stats_info = None, None
+        if need_stats:
+            if stats_path is not None:
+                from .. import ReferenceStats
 
-    method_info = _method_info(protocol, net, stats)
-    config: dict[str, Any] = {
-        "tool": "dmc bench",
-        "command": command if command is not None else provenance.command_line(),
-        "explicit_command": "dmc bench " + shlex.join(
-            protocol.command_args() + (resolved.spec.extra_flags() if resolved.spec else [])
-        ),
-        "protocol": protocol.to_dict(),
-        "protocol_notes": PROTOCOL_NOTES,
-        "data": _data_config(bench, data if isinstance(data, arrays.ImageData) else None, protocol),
-        "corruptions": corruptions.protocol_info() if bench.specs.get("data") is None
-        or bench.specs["data"].generated else None,
-        "model": model_info,
-        "stats": stats_info,
-        "methods": method_info,
-        "versions": provenance.package_versions(),
-        "git": provenance.git_commit(),
-        "machine": provenance.machine(),
-        "sessions": list(previous.get("sessions", [])) if previous else [],
-        "execution": {"jobs": jobs, "channels_last": bool(channels_last), "device": str(_model_device(net)),
-                      "workers": workers},
-    }
-    if previous:
-        config["data"]["files_sha256"] = dict(previous.get("data", {}).get("files_sha256") or {})
-    if stats is not None and stats_path is None and bench.fit is not None:
-        config["data"]["fit_files_sha256"] = bench.fit.files()
-    if extra_config:
-        config.update(extra_config)
-    session = {"started": started, "finished": None, "wall_s": None, "cells_computed": 0,
-               "command": config["command"]}
-    config["sessions"].append(session)
-    write_json(config_path, config)
+                stats = ReferenceStats.load(stats_path, model=net)
+                where = str(stats_path)
+                check_per_sample(stats, where, _needs_per_sample(protocol))
+            else:
+                where = str(out / "stats.safetensors")
+                stats = obtain_stats(prep.fit_net, bench.fit, out / "stats.safetensors",
+                                     fit_images=protocol.fit_images, fit_seed=protocol.fit_seed,
+                                     fit_levels=protocol.fit_levels,
+                                     reuse=resume, progress=progress, log=log,
+                                     per_sample=_needs_per_sample(protocol), workers=workers)
+            stats_info = {"path": where, "checksum": stats.checksum(), "levels": stats.levels,
+                          "sites": stats.sites, "fit_info": stats.info}
+            check_same_stats(out, previous, stats_info)
 
-    done = done_cells(read_results(results_path))
-    units = pending(protocol.units(), done)
-    total_cells = sum(sum(c not in done for c in u.cells()) for u in units)
-    skipped = len(protocol.cells()) - total_cells
-    if skipped:
-        log(f"resuming: {skipped} cell(s) already in {results_path}, {total_cells} to run")
+        method_info = _method_info(protocol, net, stats)
+        ran = command
+        if ran is None:
+            ran = provenance.command_line() if session is None else _torchrun_command(session)
+        config: dict[str, Any] = {
+            "tool": "dmc bench",
+            "command": ran,
+            "explicit_command": "dmc bench " + shlex.join(
+                protocol.command_args() + (resolved.spec.extra_flags() if resolved.spec else [])
+            ),
+            "protocol": protocol.to_dict(),
+            "protocol_notes": PROTOCOL_NOTES,
+            "data": _data_config(bench, data if isinstance(data, arrays.ImageData) else None, protocol),
+            "corruptions": corruptions.protocol_info() if bench.specs.get("data") is None
+            or bench.specs["data"].generated else None,
+            "model": model_info,
+            "stats": stats_info,
+            "methods": method_info,
+            "versions": provenance.package_versions(),
+            "git": provenance.git_commit(),
+            "machine": provenance.machine(),
+            "sessions": list(previous.get("sessions", [])) if previous else [],
+            "execution": {"jobs": jobs, "channels_last": prep.channels_last,
+                          "device": str(_model_device(net)), "workers": workers},
+        }
+        if session is not None:
+            config["execution"]["world_size"] = session.world_size
+        if previous:
+            config["data"]["files_sha256"] = dict(previous.get("data", {}).get("files_sha256") or {})
+        if stats is not None and stats_path is None and bench.fit is not None:
+            config["data"]["fit_files_sha256"] = bench.fit.files()
+        if extra_config:
+            config.update(extra_config)
+        entry = {"started": started, "finished": None, "wall_s": None, "cells_computed": 0,
+                 "command": config["command"]}
+        if session is not None:
+            entry["world_size"] = session.world_size
+        config["sessions"].append(entry)
+        write_json(config_path, config)
+
+        done = done_cells(read_results(results_path))
+        units = pending(protocol.units(), done)
+        weights = [sum(c not in done for c in u.cells()) for u in units]
+        skipped = len(protocol.cells()) - sum(weights)
+        if skipped:
+            log(f"resuming: {skipped} cell(s) already in {results_path}, {sum(weights)} to run")
+        blocks = dist.split(weights, session.world_size) if session is not None else None
+        state.update(config=config, entry=entry, done=done, stats=stats, total=sum(weights))
+        return {"stats": stats, "units": units, "blocks": blocks}
+
+    shared = setup() if session is None else session.from_root("bench-setup", setup)
+    units: list[Unit] = shared["units"]
+    stats = state["stats"] if root else shared["stats"]
     sets = OpenSets(bench)
+    if session is not None and not root:  # run this rank's block, send each unit's results to rank 0
+        for index in shared["blocks"][session.rank]:
+            session.check([0])
+            results = evaluate_unit(units[index], protocol, net, stats, sets, prep.channels_last,
+                                    workers=workers)
+            session.send((index, results, sets.files()))
+        return {}
+
+    config, entry, done = state["config"], state["entry"], state["done"]
     from tqdm.auto import tqdm
 
     if jobs > 1:
         _open_all(units, sets, log)
-    bar = tqdm(total=total_cells, desc="bench", unit="cell", disable=not progress)
+    bar = tqdm(total=state["total"], desc="bench", unit="cell", disable=not progress)
     try:
         with (
             ResultsWriter(results_path, COLUMNS) as writer,
             ResultsWriter(out / "timings.csv", TIMING_COLUMNS) as timer,
         ):
-            def record(unit: Unit, results) -> None:
-                session["cells_computed"] += _write_unit(unit, results, done, writer, timer, bar)
-                config["data"]["files_sha256"].update(sets.files())
+            def record(unit: Unit, results, files: dict[str, str] | None = None) -> None:
+                entry["cells_computed"] += _write_unit(unit, results, done, writer, timer, bar)
+                config["data"]["files_sha256"].update(sets.files() if files is None else files)
 
-            if jobs == 1:
+            if session is not None:
+                _run_root_block(session, shared["blocks"], units, record, lambda unit: evaluate_unit(
+                    unit, protocol, net, stats, sets, prep.channels_last, workers=workers), bar)
+            elif jobs == 1:
                 for unit in units:
                     _show(bar, unit)
-                    record(unit, evaluate_unit(unit, protocol, net, stats, sets, channels_last,
+                    record(unit, evaluate_unit(unit, protocol, net, stats, sets, prep.channels_last,
                                                workers=workers))
             else:
                 from .pool import run_parallel
 
-                state = {"protocol": protocol, "net": net, "stats": stats,
-                         "channels_last": channels_last,
-                         "data": bench if data_args is None else None, "data_args": data_args}
+                pool_state = {"protocol": protocol, "net": net, "stats": stats,
+                              "channels_last": prep.channels_last,
+                              "data": bench if prep.data_args is None else None,
+                              "data_args": prep.data_args}
                 threads = max(1, torch.get_num_threads() // jobs)
-                run_parallel(units, state, jobs, threads, record)
+                run_parallel(units, pool_state, jobs, threads, record)
     finally:
         bar.close()
-        session["finished"] = now()
-        session["wall_s"] = round(time.perf_counter() - t_start, 2)
+        entry["finished"] = now()
+        entry["wall_s"] = round(time.perf_counter() - t_start, 2)
         config["wall_s"] = round(sum(s.get("wall_s") or 0 for s in config["sessions"]), 2)
         write_json(config_path, config)
     finish(out, config, plots=plots, log=log)
     return config
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What every rank needs to run units: the protocol (``clean`` decided by the data), the
+    data, the model as given (``fit_net``, the reference is fitted on it) and as run."""
+
+    protocol: Protocol
+    bench: BenchData
+    data_args: dict | None
+    fit_net: nn.Module
+    run_net: nn.Module
+    channels_last: bool
+
+
+def _no_log(_message: str) -> None:
+    """The ``log`` of the ranks other than 0: they print nothing."""
+
+
+def _torchrun_command(session: dist.Session) -> str:
+    """The command line recorded under torchrun (the launcher's own flags are not visible)."""
+    import sys
+
+    return f"torchrun [WORLD_SIZE={session.world_size}] -m torch_dmc {shlex.join(sys.argv[1:])}"
+
+
+def _run_root_block(session: dist.Session, blocks: list[range], units: list[Unit],
+                    record: Callable[..., None], evaluate: Callable[[Unit], list], bar) -> None:
+    """Rank 0 under torchrun: run its block, writing the other ranks' results as they arrive
+    (between its units), then wait for the rest."""
+    expected = {r: len(blocks[r]) for r in range(1, session.world_size)}
+
+    def take(wait: bool) -> None:
+        for _rank, (index, results, files) in session.receive(expected, wait=wait):
+            record(units[index], results, files)
+
+    for index in blocks[0]:
+        _show(bar, units[index])
+        record(units[index], evaluate(units[index]))
+        take(wait=False)
+    bar.set_postfix_str("waiting for the other ranks", refresh=True)
+    take(wait=True)
 
 
 def _check_corruptions(protocol: Protocol, bench: BenchData) -> None:
