@@ -725,11 +725,8 @@ def _tune(args: argparse.Namespace) -> int:
     data = open_bench_data(data=protocol.data, fit_data=protocol.fit_data, n_test=protocol.n_test,
                            gen_seed=protocol.gen_seed, cache_dir=args.cache, workers=int(args.workers),
                            progress=not args.no_progress, need_fit=not reuse)
-    missing = [c for c in protocol.corruptions if c not in data.test.corruptions()]
-    if missing:
-        raise ValueError(f"--data {data.test.spec}: no {', '.join(missing)} (it holds "
-                         f"{', '.join(data.test.corruptions()) or 'no corruption'}); choose "
-                         "--corruptions among the validation corruptions it holds.")
+    data.check_corruptions(protocol.corruptions,
+                           "choose --corruptions among the validation corruptions it holds.")
     check_model_fits(resolved.model, data.sample(2), num_classes=data.num_classes)
     outputs = [out] if args.stats is not None else [out, default_stats_path(out)]
     with new_outputs(*outputs):

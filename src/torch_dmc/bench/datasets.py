@@ -92,6 +92,14 @@ class BenchData:
         s = self.test.corrupted(corruption, severity)
         return s if self.rows is None else SubsetSet(s, self.rows)
 
+    def check_corruptions(self, names: list[str], hint: str) -> None:
+        """Refuse, before any work, corruptions the data does not hold (``hint``: what to do)."""
+        have = self.test.corruptions()
+        missing = [c for c in names if c not in have]
+        if missing:
+            raise ValueError(f"--data {self.test.spec}: no {', '.join(missing)} (it holds "
+                             f"{', '.join(have) or 'no corruption'}); {hint}")
+
     def sample(self, n: int = 2) -> np.ndarray:
         """The first ``n`` images of the clean set (else of the first corrupted set): to check
         that the model takes them."""

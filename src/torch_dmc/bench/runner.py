@@ -257,7 +257,8 @@ def run_benchmark(
         if bench.clean is None and prot.clean:
             prot = dataclasses.replace(prot, clean=False)
             log("no clean test set (pass --clean-data SPEC for clean cells): running corrupted cells only")
-        _check_corruptions(prot, bench)
+        bench.check_corruptions(prot.corruptions,
+                                "choose --corruptions among those, or add the missing files.")
         check_model_fits(net, bench.sample(2), num_classes=bench.num_classes)
         if device is not None:
             net.to(device)
@@ -454,17 +455,6 @@ def _run_root_block(session: dist.Session, blocks: list[range], units: list[Unit
         take(wait=False)
     bar.set_postfix_str("waiting for the other ranks", refresh=True)
     take(wait=True)
-
-
-def _check_corruptions(protocol: Protocol, bench: BenchData) -> None:
-    """Refuse corruptions the data does not hold, before any work."""
-    have = set(bench.test.corruptions())
-    missing = [c for c in protocol.corruptions if c not in have]
-    if missing:
-        raise ValueError(
-            f"--data {bench.test.spec}: no {', '.join(missing)} (it holds "
-            f"{', '.join(bench.test.corruptions()) or 'no corruption'}); choose --corruptions among "
-            "those, or add the missing files.")
 
 
 def _show(bar, unit: Unit) -> None:
