@@ -340,9 +340,9 @@ def test_save_load_roundtrip_new_archs(tmp_path, arch):
         assert torch.equal(v, loaded.state_dict()[k]), k
 
 
-# bounds on the recorded clean test errors: resnet-gn 7.57% (target 8%); vit 11.76% (target 10%,
-# not met yet)
-@pytest.mark.parametrize("name,cls,max_error", [("resnet-gn", SmallResNet, 8.0), ("vit", SmallViT, 12.0)])
+# bounds on the recorded clean test errors: resnet-gn 7.57% (target 8%); vit 10.15% (target 10%,
+# missed by 15 images)
+@pytest.mark.parametrize("name,cls,max_error", [("resnet-gn", SmallResNet, 8.0), ("vit", SmallViT, 10.2)])
 def test_shipped_new_models(name, cls, max_error):
     weights, config = default_files(name)
     assert weights.is_file() and config.is_file()
