@@ -1,7 +1,9 @@
 """The public API: fit, DMC, corrected, shift_report, ReferenceStats files."""
 
+import copy
 import os
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -298,3 +300,106 @@ def test_every_device_gives_the_cpu_result(model_and_stats, device, mode):
         torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
     else:  # grid mode samples with the device's own random generator
         assert float((out - expected).abs().mean()) < 0.05 * float(expected.abs().mean())
+
+
+# --- BatchNorm sites corrected from their input (docs/method.md § Grid mode, BatchNorm sites) --
+
+def _unfused(monkeypatch, *args, **kwargs) -> dmc.DMC:
+    """A DMC built with every site as a hook on its output (the BatchNorm runs, then the lookup)."""
+    import torch_dmc.correct as correct
+
+    with monkeypatch.context() as m:
+        m.setattr(correct, "FUSE_BATCHNORM", False)
+        return dmc.DMC(*args, **kwargs)
+
+
+def _count_batch_norm(monkeypatch) -> list:
+    calls = []
+    original = torch.nn.functional.batch_norm
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "batch_norm", counted)
+    return calls
+
+
+def test_batchnorm_sites_skip_their_own_pass_and_agree_with_the_hooked_correction(
+        model_and_stats, monkeypatch):
+    model, stats = model_and_stats
+    x = distorted(source_images(128, seed=21), 3)
+    reference = model(x)
+    hooked = _unfused(monkeypatch, copy.deepcopy(model), stats)
+    with torch.no_grad():
+        want = hooked(x)
+    calls = _count_batch_norm(monkeypatch)
+    fused = dmc.DMC(model, stats)
+    with torch.no_grad():
+        got = fused(x)
+    # the three BatchNorm2d sites are looked up from their input; BatchNorm1d on (B, C) has a
+    # value prior (docs/method.md § Estimates), so it runs and is corrected as its output
+    assert len(calls) == 1
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert float((got.argmax(1) == want.argmax(1)).float().mean()) > 0.95
+    assert torch.equal(fused(x), got)  # same input, same output
+    model = fused.remove()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(x), reference)
+
+
+@pytest.mark.parametrize("case", ["strength", "prior", "exact", "train"])
+def test_batchnorm_sites_run_their_own_pass_where_the_lookup_needs_it(model_and_stats, monkeypatch,
+                                                                      case):
+    model, stats = model_and_stats
+    net = copy.deepcopy(model)
+    options = {"strength": {"strength": 0.5}, "prior": {"estimate": "prior"},
+               "exact": {"mode": "exact"}, "train": {}}[case]
+    m = dmc.DMC(net, stats, **options)
+    if case == "train":
+        net.train()
+    calls = _count_batch_norm(monkeypatch)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the train-mode warning
+        m(distorted(source_images(16, seed=22), 3))
+    assert len(calls) == 4
+
+
+def test_a_fused_batchnorm_site_keeps_a_channels_last_layout(model_and_stats, monkeypatch):
+    model, stats = model_and_stats
+    x = distorted(source_images(64, seed=23), 4)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    layouts = []
+    with dmc.corrected(cl_model, stats) as m, torch.no_grad():
+        h = cl_model[1].register_forward_hook(
+            lambda mod, inp, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+        got = m(xc)
+        h.remove()
+    assert layouts == [True]
+    with torch.no_grad():
+        want = _unfused(monkeypatch, copy.deepcopy(model), stats)(x)
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+
+
+def test_adapt_bn_batch_statistics_are_skipped_at_fully_corrected_sites(monkeypatch):
+    from torch_dmc.methods import build
+
+    model = bn_cnn(seed=1)
+    data = [source_images(64, seed=30 + i) for i in range(6)]
+    stats = dmc.fit(model, data, levels=257, progress=False)
+    x = distorted(source_images(96, seed=24), 2)
+    with monkeypatch.context() as m:
+        import torch_dmc.correct as correct
+
+        m.setattr(correct, "FUSE_BATCHNORM", False)
+        hooked = build("dmc", copy.deepcopy(model), stats, adapt_bn=True)
+    fused = build("dmc", copy.deepcopy(model), stats, adapt_bn=True)
+    with torch.no_grad():
+        want, got = hooked(x), fused(x)
+    # the output of a site corrected at full strength does not depend on its BatchNorm's
+    # statistics (docs/method.md § Transport: invariant to increasing affine maps), up to rounding
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    # a non-finite value spoils a batch-statistics BatchNorm's whole channel: then it runs
+    x[0, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        assert torch.equal(fused(x).isnan(), hooked(x).isnan())

@@ -7,11 +7,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from scipy.stats import rankdata, wasserstein_distance
 
-from torch_dmc.sketch import sample_channel_values
+from torch_dmc.sketch import gather_positions, sample_channel_values, sample_positions
 from torch_dmc.transport import (
     apply_lut,
+    grid_transport,
+    histogram_levels,
     interp_quantiles,
     lut_from_sample,
+    lut_grid,
     midranks,
     tie_run_bounds,
     transport_exact,
@@ -282,3 +285,125 @@ def test_grid_with_an_outlier_sample_is_monotone_close_to_exact_and_affine_invar
     moved = rows * scale + shift
     y2 = apply_lut(moved.unsqueeze(0), lut_from_sample(moved, q, 1024), channel_axis=1)[0]
     assert ((y2 - y).abs() / spread)[others].max() < 0.05
+
+
+# --- grid mode in one call, the lookup's buffer, the affine lookup (BatchNorm sites) ------------
+
+def _grid_cases():
+    """(x, channel axis, name): atoms, an outlier sample, heavy tails, non-finite values, layouts."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(40, 5, 6, 6, generator=g) * torch.arange(1, 6).view(1, 5, 1, 1)
+    atoms = x.clone()
+    atoms[:, :, :2] = 0.0
+    outlier = x.clone()
+    outlier[0] *= 1e4  # the knot range is refined
+    heavy = x.exp() ** 3  # skewed: the cheap "no refinement" test does not decide
+    bad = x.clone()
+    bad[3, 1, 2, 2] = float("nan")
+    bad[5, 2, 0, 1] = float("inf")
+    bad[:, 4] = float("-inf")  # a channel without finite values
+    tokens = torch.randn(8, 30, 7, generator=g)
+    return [(x, 1, "plain"), (atoms, 1, "atoms"), (outlier, 1, "outlier"), (heavy, 1, "heavy"),
+            (bad, 1, "non-finite"), (tokens, -1, "tokens"), (x[:, :, 0, 0].T.contiguous(), 0, "rows"),
+            (x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), 3, "NHWC view")]
+
+
+@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("affine", [False, True])
+def test_grid_transport_is_lut_from_sample_then_apply_lut(case, affine):
+    x, axis, _ = _grid_cases()[case]
+    c = x.shape[axis]
+    q = normal_table(c, 129)
+    values = x.movedim(axis, 0).reshape(c, -1)[:, ::3]  # a subsample, as grid mode samples
+    pair = None
+    if affine:  # any sign of the slope, zero included
+        a = torch.linspace(-2, 3, c)
+        a[c // 2] = 0.0
+        pair = (a, torch.linspace(-1, 1, c))
+        values_y = values * pair[0].unsqueeze(1) + pair[1].unsqueeze(1)
+    else:
+        values_y = values
+    want = apply_lut(x, lut_from_sample(values_y, q, 100), axis, affine=pair)
+    got = grid_transport(x, values, q, 100, axis, affine=pair)
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())  # the same arithmetic, bit for bit
+    assert torch.equal(got.isnan(), want.isnan())
+
+
+def test_the_affine_lookup_is_the_lookup_of_the_affine_image():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(32, 6, 9, 9, generator=g)
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    a = torch.tensor([1.5, -0.7, 0.0, 2.0, 1e-3, -3.0])
+    b = torch.tensor([0.1, 2.0, -1.0, 0.0, 5.0, -0.3])
+    y = x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)  # what a BatchNorm in eval mode computes
+    q = normal_table(6)
+    values = x.movedim(1, 0).reshape(6, -1)
+    want = grid_transport(y, values * a.unsqueeze(1) + b.unsqueeze(1), q, 512)
+    got = grid_transport(x, values, q, 512, affine=(a, b))
+    finite = torch.isfinite(x)
+    # non-finite values come out as a·x + b, as from the BatchNorm (inf·0 is NaN)
+    assert torch.equal(got[~finite].nan_to_num(), y[~finite].nan_to_num())
+    assert torch.equal(got[~finite].isnan(), y[~finite].isnan())
+    # finite ones as the lookup of a·x + b, but for the rounding of the lookup coordinate: a value
+    # within a rounding error of a cell boundary may take the neighbouring node
+    differ = (got != want) & finite
+    assert float(differ.float().mean()) < 1e-3
+    step = (q[:, 1:] - q[:, :-1]).max()
+    assert float((got - want)[finite].abs().max()) <= float(step) * 4
+
+
+def test_lut_grid_is_a_planar_buffer_reused_across_calls():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(10, 3, 4, 5, generator=g)
+    flat = x.movedim(1, 0).reshape(3, -1)
+    lut = lut_from_sample(flat, normal_table(3), 50)
+    buffer = lut_grid(x.shape, 1)
+    assert buffer.shape == (2, *x.shape)
+    first = apply_lut(x, lut, 1, buffer)
+    assert torch.equal(apply_lut(x * 2, lut, 1, buffer), apply_lut(x * 2, lut, 1))
+    assert torch.equal(apply_lut(x, lut, 1, buffer), first)
+    with pytest.raises(ValueError, match="grid buffer"):
+        apply_lut(x, lut, 1, lut_grid((10, 3, 4, 4), 1))
+
+
+@settings(deadline=None)
+@given(values, st.integers(2, 40))
+@example([0.0, 1.1754943508222875e-38], 5)
+def test_grid_transport_is_monotone_gives_ties_equal_outputs_and_passes_nan(vals, k):
+    x = torch.tensor([vals + [float("nan")]])
+    y = grid_transport(x, x, normal_table(1), k, channel_axis=0)[0]
+    assert torch.isnan(y[-1]) and torch.isfinite(y[:-1]).all()
+    y, xs = y[:-1], x[0, :-1]
+    order = torch.argsort(xs)
+    assert torch.all(y[order][1:] >= y[order][:-1])
+    for i in range(len(vals)):
+        assert torch.all(y[xs == vals[i]] == y[i])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([1.0, 3.0, 10.0]), st.integers(2, 1100))
+def test_the_cheap_no_refinement_test_never_skips_a_refinement(seed, power, size):
+    from torch_dmc.transport import _refine
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 3000, generator=g)
+    x = x.sign() * x.abs() ** power  # heavier tails with the power
+    x[1, :5] *= 50  # a few outliers in one channel
+    fast = histogram_levels(x, size)
+    _, step, level = histogram_levels(x, size, robust=False)
+    lo, hi = x.amin(dim=1), x.amax(dim=1)
+    full = _refine(x, None, x.shape[1], lo, hi, step, level, size, None)  # always checks
+    for a, b in zip(fast, full, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_ordered_positions_are_the_same_draw_sorted():
+    shape = (7, 3, 5, 4)
+    a = sample_positions(shape, 1, 500, torch.Generator().manual_seed(2))
+    b = sample_positions(shape, 1, 500, torch.Generator().manual_seed(2), ordered=True)
+    flat_a = torch.tensor(np.ravel_multi_index([i.numpy() for i in a], (7, 5, 4)))
+    flat_b = torch.tensor(np.ravel_multi_index([i.numpy() for i in b], (7, 5, 4)))
+    assert torch.equal(flat_a.sort().values, flat_b) and torch.all(flat_b[1:] >= flat_b[:-1])
+    x = torch.randn(shape)
+    va, vb = gather_positions(x, 1, a), gather_positions(x, 1, b)
+    assert torch.equal(va.sort(dim=1).values, vb.sort(dim=1).values)

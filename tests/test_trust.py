@@ -359,3 +359,29 @@ def test_an_empty_batch_returns_the_plain_output_and_changes_no_state(small, est
         assert out.shape == plain.shape == (0, 3)
         assert torch.equal(m(x), first)  # nothing changed (ema state included)
         m.remove()
+
+
+# --- 11. BatchNorm sites corrected from their input keep the non-finite policy ------------------
+
+def test_a_fused_batchnorm_site_passes_non_finite_values_as_the_batchnorm_computes_them():
+    model = conv_model(False)
+    with torch.no_grad():
+        model[1].weight[0] = -1.5  # a negative slope: +inf in becomes -inf out
+        model[1].weight[2] = 0.0  # a zero slope: inf in becomes NaN out (inf·0)
+    stats = dmc.fit(model, gaussian_batches((16, 2, 6, 6)), levels=65, progress=False)
+    x = torch.randn(8, 2, 6, 6, generator=torch.Generator().manual_seed(4))
+    seen = {}
+    m = dmc.DMC(model, stats)
+    model[0].register_forward_hook(lambda mod, i, o: o.__setitem__((1, slice(None), 0, 0), float("inf")))
+    model[1].register_forward_hook(lambda mod, i, o: seen.setdefault("y", o))
+    with torch.no_grad():
+        m(x)
+        bn = model[1]
+        a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        expected = float("inf") * a  # BatchNorm's value at the +inf inputs
+    y = seen["y"]
+    assert torch.equal(y[1, :, 0, 0].nan_to_num(), expected.nan_to_num())
+    assert torch.equal(y[1, :, 0, 0].isnan(), expected.isnan())
+    assert y[1, 0, 0, 0] == float("-inf")
+    y[1, :, 0, 0] = 0.0
+    assert torch.isfinite(y).all()  # every other value corrected to a finite one

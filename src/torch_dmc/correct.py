@@ -6,6 +6,8 @@ Two seams, each a small object:
 
 - a *transport* computes maps: `ExactTransport` (full sort) or `GridTransport` (histogram of a
   fixed random sample of positions, table lookup; docs/method.md § Exact mode, § Grid mode);
+  in grid mode a BatchNorm site whose correction is the plain map is corrected from the
+  BatchNorm's input, skipping its pass (docs/method.md § Grid mode, BatchNorm sites);
 - an *estimate* decides which test distribution is matched and owns its state and fallback:
   `BatchEstimate`, `PriorEstimate`, `EMAEstimate`, `PerSampleEstimate` (docs/method.md
   § Estimates).
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .fit import per_sample_rows
 from .options import AUTO_PRIOR_VALUES, DMCOptions, SiteOptions
@@ -38,8 +41,10 @@ from .sites import register_output_hooks
 from .sketch import gather_positions, sample_positions
 from .stats_io import ReferenceStats
 from .transport import (
+    all_finite,
     apply_lut,
     empirical_quantiles,
+    grid_transport,
     histogram_levels,
     histogram_quantiles,
     interp_quantiles,
@@ -57,8 +62,11 @@ if TYPE_CHECKING:  # torch.distributed is touched only when a process group is g
     from ._sync import GlobalBatch, Sync
 
 __all__ = [
+    "AFFINE_FORWARD",
+    "FUSE_BATCHNORM",
     "BLEND_LEVELS",
     "SHAPE_CACHE_SIZE",
+    "MAX_OFFSETS",
     "DMC",
     "corrected",
     "ShapeCache",
@@ -81,6 +89,10 @@ SHAPE_CACHE_SIZE = 16
 """Activation shapes whose grid-mode buffers (sample positions, lookup coordinates) a `DMC` keeps;
 the least recently used is dropped beyond that, so memory stays bounded whatever the input sizes."""
 
+MAX_OFFSETS = 1 << 22
+"""Most sampled values (``C·m``) whose storage offsets grid mode caches per activation shape
+(16 MB as int32); a site with more gathers them from the cached positions instead (slower)."""
+
 
 def _persistent(make):
     """Run ``make()`` outside inference mode: a cached tensor must stay usable in every mode."""
@@ -92,7 +104,9 @@ class ShapeCache:
     """Grid mode's per-shape buffers, least recently used first out, at most ``size`` of them.
 
     Sample positions are a fixed function of ``(seed, shape, channel axis, m)``: a fresh generator
-    seeded with ``seed`` draws them, so the same batch always gives the same output.
+    seeded with ``seed`` draws them (kept sorted, see `torch_dmc.sketch.sample_positions`), so the
+    same batch always gives the same output. Also kept: their storage offsets per strides
+    (`sample`) and the lookup's coordinate buffer per shape (`grid`).
     """
 
     def __init__(self, seed: int, size: int = SHAPE_CACHE_SIZE):
@@ -114,7 +128,7 @@ class ShapeCache:
         """``m`` random positions of an activation of ``shape`` (see `torch_dmc.sketch.sample_positions`)."""
         def make():
             generator = torch.Generator().manual_seed(self.seed)
-            return sample_positions(shape, axis, m, generator, device)
+            return sample_positions(shape, axis, m, generator, device, ordered=True)
         return self._get(("positions", tuple(shape), axis, m, device), make)
 
     def slice_positions(self, shape: tuple[int, ...], axis: int, m: int, device: torch.device,
@@ -124,12 +138,32 @@ class ShapeCache:
         sample one process draws on the whole batch (docs/method.md § Synchronised correction)."""
         def make():
             generator = torch.Generator().manual_seed(self.seed)
-            index = sample_positions(shape, axis, m, generator, "cpu")  # the draw of `positions`
+            index = sample_positions(shape, axis, m, generator, "cpu", ordered=True)  # as `positions`
             keep = (index[0] >= start) & (index[0] < stop)
             local = [i[keep] for i in index]
             local[0] = local[0] - start
             return tuple(i.to(device) for i in local)
         return self._get(("slice", tuple(shape), axis, m, device, start, stop), make)
+
+    def sample(self, output: Tensor, axis: int, m: int) -> Tensor:
+        """The ``C×m`` values of `positions` in ``output``, contiguous: one ``index_select`` at
+        cached storage offsets (kept per shape and strides while there are at most
+        `MAX_OFFSETS` of them; beyond, `torch_dmc.sketch.gather_positions`)."""
+        c = output.shape[axis]
+        if c * m > MAX_OFFSETS:
+            return gather_positions(output, axis, self.positions(output.shape, axis, m, output.device))
+
+        def make():
+            index = self.positions(output.shape, axis, m, output.device)
+            strides = [s for i, s in enumerate(output.stride()) if i != axis]
+            base = sum(i * s for i, s in zip(index, strides, strict=True))
+            offsets = base + torch.arange(c, device=output.device).unsqueeze(1) * output.stride(axis)
+            span = 1 + sum((n - 1) * s for n, s in zip(output.shape, output.stride(), strict=True))
+            return offsets.to(torch.int32 if span < 2**31 else torch.int64).view(-1), span
+        key = ("offsets", tuple(output.shape), output.stride(), axis, m, output.device)
+        offsets, span = self._get(key, make)
+        flat = output.detach().as_strided((span,), (1,))  # every entry of output, and no other, is read
+        return flat.index_select(0, offsets).view(c, m)
 
     def grid(self, shape: torch.Size, axis: int, device: torch.device) -> Tensor:
         """A `torch_dmc.transport.lut_grid` buffer for ``shape``."""
@@ -162,6 +196,55 @@ def _is_channels_last(output: Tensor, axis: int) -> bool:
             and output.is_contiguous(memory_format=torch.channels_last))
 
 
+FUSE_BATCHNORM = True
+"""Whether a `DMC` built from now on corrects eligible BatchNorm sites from their input, skipping
+the BatchNorm's own pass (docs/method.md § Grid mode, BatchNorm sites); ``False`` runs every site
+as a hook on its output (for comparisons)."""
+
+AFFINE_FORWARD = "dmc_affine_forward"
+"""Attribute that a BatchNorm module's replaced instance ``forward`` may carry, set to ``True``, to
+promise that it maps its input by a per-channel affine map whose slope has the sign of the
+module's weight (any statistics: e.g. the batch's), with no side effect. `DMC` may then skip that
+forward where the site's correction does not depend on such a map (docs/method.md § Grid mode,
+BatchNorm sites); `torch_dmc.methods` marks the batch-statistics forward of ``adapt_bn``."""
+
+
+def _bn_affine(module: nn.Module, forward, x: Tensor, memo: dict) -> tuple[Tensor, Tensor] | None:
+    """``(a, b)`` with ``module(x) = a·x + b`` per channel (axis 1), for a BatchNorm in eval mode
+    with running statistics and its class's forward (``forward`` None); ``(sign of the weight,
+    0)`` for an instance ``forward`` marked `AFFINE_FORWARD`; ``None`` otherwise (the output is not
+    known to be affine). ``memo`` keeps the last ``(a, b)`` while the module's tensors, their
+    in-place versions and the device stay the same."""
+    marked = forward is not None
+    if marked and getattr(forward, AFFINE_FORWARD, False) is not True:
+        return None
+    if not marked and (module.training or module.running_mean is None or module.running_var is None):
+        return None
+    tensors = (module.weight, module.bias) + (() if marked else (module.running_mean, module.running_var))
+    key = (marked, x.device, module.eps, x.shape[1],
+           tuple(None if t is None else (id(t), t._version) for t in tensors))
+    if memo.get("key") != key:
+        memo["key"], memo["affine"] = key, _persistent(lambda: _affine_of(module, marked, x))
+    return memo["affine"]
+
+
+def _affine_of(module: nn.Module, marked: bool, x: Tensor) -> tuple[Tensor, Tensor]:
+    """`_bn_affine`'s computation."""
+    weight, bias = module.weight, module.bias
+    if marked:
+        c = x.shape[1]
+        a = torch.ones(c, device=x.device) if weight is None else weight.detach().float().sign()
+        return a, torch.zeros(c, device=x.device)
+    # the arithmetic of BatchNorm's CPU inference kernel: a = (1 / sqrt(var + eps))·weight,
+    # b = bias - mean·a, output x·a + b
+    a = 1 / torch.sqrt(module.running_var.detach().float() + module.eps)
+    if weight is not None:
+        a = a * weight.detach().float()
+    mean_a = module.running_mean.detach().float() * a
+    b = -mean_a if bias is None else bias.detach().float() - mean_a
+    return a, b
+
+
 class _Site:
     """One corrected site: its name, module, strength, estimate and cached reference tables."""
 
@@ -173,6 +256,7 @@ class _Site:
         self.estimate = estimate
         self.stats = stats
         self._tables: dict[tuple, Tensor] = {}
+        self.affine_memo: dict = {}  # a fused BatchNorm site's last (a, b), see _bn_affine
 
     def table(self, device: torch.device, *, per_sample: bool = False, levels: int | None = None) -> Tensor:
         """The reference table (pooled or per-sample) on ``device``, at ``levels`` levels if given."""
@@ -253,21 +337,34 @@ class GridTransport:
         c = output.shape[axis]
         n = output.numel() // c
         if self.grid_sample is not None and self.grid_sample < n:
-            index = cache.positions(output.shape, axis, self.grid_sample, output.device)
-            return gather_positions(output, axis, index)
-        return output.movedim(axis, 0).reshape(c, n)
+            return cache.sample(output, axis, self.grid_sample)
+        return output.detach().movedim(axis, 0).reshape(c, n)
 
-    def _apply(self, output: Tensor, axis: int, lut, cache: ShapeCache) -> Tensor:
+    def _apply(self, output: Tensor, axis: int, lut, cache: ShapeCache,
+               affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`apply_lut` in the output's own memory layout (a channels-last output stays so)."""
         if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
             view = output.permute(0, 2, 3, 1)
-            return apply_lut(view, lut, 3, cache.grid(view.shape, 3, view.device)).permute(0, 3, 1, 2)
-        return apply_lut(output, lut, axis, cache.grid(output.shape, axis, output.device))
+            return apply_lut(view, lut, 3, cache.grid(view.shape, 3, view.device),
+                             affine=affine).permute(0, 3, 1, 2)
+        return apply_lut(output, lut, axis, cache.grid(output.shape, axis, output.device),
+                         affine=affine)
 
-    def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache) -> Tensor:
-        """The batch's values of every channel matched to ``q_ref`` through the tabulated map."""
+    def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache,
+              affine: tuple[Tensor, Tensor] | None = None, finite: bool | None = None) -> Tensor:
+        """The batch's values of every channel matched to ``q_ref`` through the tabulated map
+        (`torch_dmc.transport.grid_transport`); with ``affine = (a, b)``, the values
+        ``a·output + b`` (a BatchNorm's output, given its input: docs/method.md § Grid mode,
+        BatchNorm sites). ``finite``: whether every value is finite, if known."""
         values = self._values(output, axis, cache)
-        return self._apply(output, axis, lut_from_sample(values, q_ref, self._size(values)), cache)
+        size = self._size(values)
+        if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
+            view = output.permute(0, 2, 3, 1)
+            return grid_transport(view, values, q_ref, size, 3, cache.grid(view.shape, 3, view.device),
+                                  affine=affine, finite=finite).permute(0, 3, 1, 2)
+        return grid_transport(output, values, q_ref, size, axis,
+                              cache.grid(output.shape, axis, output.device), affine=affine,
+                              finite=finite)
 
     def match_rows(self, rows: Tensor, q_ref: Tensor) -> Tensor:
         """Every ``B·C`` (sample, channel) row matched on its own, all its positions used."""
@@ -375,12 +472,16 @@ class SyncGridTransport(GridTransport):
         m = self.grid_sample if self._sampled() else self.batch.values
         return min(self.knots, max(32, m // 4))
 
-    def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache) -> Tensor:
-        """This slice matched to ``q_ref`` through the table of the whole batch's histogram."""
+    def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache,
+              affine: tuple[Tensor, Tensor] | None = None, finite: bool | None = None) -> Tensor:
+        """This slice matched to ``q_ref`` through the table of the whole batch's histogram
+        (``affine``: of ``a·output + b``, as in `GridTransport.match`)."""
         values = self._values(output, axis, cache)
+        if affine is not None:  # multiply, then add: as BatchNorm's kernel computes its output
+            values = values * affine[0].unsqueeze(1) + affine[1].unsqueeze(1)
         lut = lut_from_sample(values, q_ref, self._global_size(),
                               reduce=self.sync.histogram_reduce(self.batch))
-        return output if output.numel() == 0 else self._apply(output, axis, lut, cache)
+        return output if output.numel() == 0 else self._apply(output, axis, lut, cache, affine)
 
     def batch_quantiles(self, output: Tensor, axis: int, levels: int, cache: ShapeCache):
         """The whole batch's quantile table from the pooled histogram, and its knots."""
@@ -441,6 +542,15 @@ class BatchEstimate:
             return _blend(site, output, axis, transport, cache, weight)
         return transport.match(output, axis, site.table(output.device), cache)
 
+    reduces_to_batch = True
+    """Whether `correct` may be the plain ``transport.match`` (see `plain_match`)."""
+
+    def plain_match(self, output: Tensor, axis: int, extent: tuple[int, int]) -> bool:
+        """Whether `correct` is ``transport.match`` onto the site's table for this output (of a
+        batch of ``extent``, see ``transport.extent``), with no state to update: no value prior
+        weighs in."""
+        return values_weight(output, axis, self.prior_values, extent) == 0
+
     def communicates(self, output: Tensor, axis: int) -> bool:
         """Whether a synchronised forward pools this site's batch: always."""
         return True
@@ -472,6 +582,15 @@ class PriorEstimate:
         keep = (1 - values_weight(output, axis, self.batch.prior_values, extent)) * (
             samples / (self.prior + samples))
         return _blend(site, output, axis, transport, cache, 1 - keep)
+
+    @property
+    def reduces_to_batch(self) -> bool:
+        """``N0 = 0``: `correct` is the ``batch`` estimate's."""
+        return self.prior == 0
+
+    def plain_match(self, output: Tensor, axis: int, extent: tuple[int, int]) -> bool:
+        """Whether `correct` is the ``batch`` estimate's plain match (``N0 = 0``, no value prior)."""
+        return self.prior == 0 and self.batch.plain_match(output, axis, extent)
 
     def communicates(self, output: Tensor, axis: int) -> bool:
         """Whether a synchronised forward pools this site's batch: unless ``N0 = ∞`` (identity)."""
@@ -506,6 +625,15 @@ class EMAEstimate:
         q_test = torch.where(q_batch.isnan(), previous, torch.lerp(previous, q_batch, self.momentum))
         self.state = _persistent(q_test.clone)
         return transport.through(output, axis, q_test, q_ref, context, cache)
+
+    @property
+    def reduces_to_batch(self) -> bool:
+        """``m = 1``: `correct` is the ``batch`` estimate's."""
+        return self.momentum == 1.0
+
+    def plain_match(self, output: Tensor, axis: int, extent: tuple[int, int]) -> bool:
+        """Whether `correct` is the ``batch`` estimate's plain match (``m = 1``, no value prior)."""
+        return self.momentum == 1.0 and self.batch.plain_match(output, axis, extent)
 
     def communicates(self, output: Tensor, axis: int) -> bool:
         """Whether a synchronised forward pools this site's batch: always."""
@@ -591,6 +719,11 @@ class DMC(nn.Module):
     itself (no copy: deep-copy it first if you need the original untouched); `remove` takes them
     off again and returns the model, whose outputs are then bit-identical to before.
 
+    In grid mode a BatchNorm site in eval mode whose correction is the plain batch map is
+    computed from the BatchNorm's input, and the BatchNorm's own pass is skipped (its ``forward``
+    is replaced until `remove`): the same result but for rounding (docs/method.md § Grid mode,
+    BatchNorm sites).
+
     Guarantees (docs/method.md § Bad input): the same batch gives the same output in every mode
     (``ema`` aside, whose state moves with the stream); non-finite values pass through and are
     left out of every estimate; an empty batch returns the plain model's output and changes no
@@ -666,8 +799,63 @@ class DMC(nn.Module):
         self._cache = ShapeCache(options.seed)
         self._sync = sync
         self._warned_train = False
-        self._handles = register_output_hooks(model, list(self._sites), self._correct)
+        fused = [n for n, site in self._sites.items() if FUSE_BATCHNORM and self._fusable(site)]
+        self._handles = register_output_hooks(model, [n for n in self._sites if n not in fused],
+                                              self._correct)
+        self._patched = {n: self._patch_forward(n) for n in fused}
         self._removed = False
+
+    def _fusable(self, site: _Site) -> bool:
+        """Whether a site may be corrected from its module's input (a BatchNorm whose output is
+        an affine map of it; docs/method.md § Grid mode, BatchNorm sites): grid mode, full
+        strength, an estimate that may be the plain match (``batch``, and ``prior``/``ema`` at
+        their ``batch`` limits), channels on axis 1."""
+        return (isinstance(self._transport, GridTransport)
+                and isinstance(site.module, _BatchNorm) and site.strength == 1.0
+                and getattr(site.estimate, "reduces_to_batch", False)
+                and self.stats.channel_axes[site.name] == 1)
+
+    def _patch_forward(self, name: str):
+        """Replace a fusable site's ``forward`` by `_fused_forward`; returns what to restore."""
+        module = self._sites[name].module
+        previous = module.__dict__.get("forward")  # an instance forward (e.g. adapt_bn's), or None
+        unfused = previous if previous is not None else module.forward
+
+        def forward(x, *args, **kwargs):
+            return self._fused_forward(name, previous, unfused, x, *args, **kwargs)
+
+        module.forward = forward
+        return previous, forward
+
+    def _fused_forward(self, name: str, previous, unfused, x, *args, **kwargs):
+        """A fusable BatchNorm site's forward: its corrected output from its input in one lookup
+        when the module is an affine map and the estimate the plain match, else the module's
+        forward and then `_correct`. Synchronised: one ``describe`` per site either way, and the
+        same collectives after it on either path (each process may decide on its own)."""
+        site = self._sites[name]
+        affine = None
+        if not args and not kwargs and isinstance(x, Tensor) and x.dim() >= 2 and x.is_floating_point():
+            affine = _bn_affine(site.module, previous, x, site.affine_memo)
+        if affine is None or affine[0].shape[0] != x.shape[1]:
+            return self._correct(name, unfused(x, *args, **kwargs))
+        transport = self._transport
+        if self._sync is not None:  # every process joins, an empty slice too (as in _correct)
+            self.stats.check_output(name, x)
+            transport = self._synchronised(name, x, 1)
+            if transport is None:
+                return unfused(x)
+        elif x.numel() == 0:
+            return unfused(x)
+        finite = None
+        if previous is not None:
+            # a marked forward normalises with its own statistics, which a non-finite value
+            # spoils for the whole channel: then run it, to keep its output (BatchNorm's own
+            # forward is elementwise, and a·x + b passes non-finite values through alike)
+            finite = all_finite(x)
+        if finite is False or not site.estimate.plain_match(x, 1, transport.extent(x, 1)):
+            return self._correct(name, unfused(x), transport)
+        self.stats.check_output(name, x)
+        return transport.match(x, 1, site.table(x.device), self._cache, affine, finite=finite)
 
     @property
     def mode(self) -> str:
@@ -712,20 +900,25 @@ class DMC(nn.Module):
             return SyncGridTransport(self.options.knots, self.options.grid_sample, self._sync, batch)
         return SyncExactTransport(self._sync, batch)
 
-    def _correct(self, name: str, output: Tensor) -> Tensor:
+    def _correct(self, name: str, output: Tensor, transport=None) -> Tensor:
+        """A site's corrected output (``transport``: the synchronised one, already made)."""
         site = self._sites[name]
         if self._sync is None and output.numel() == 0:
             return output
         self.stats.check_output(name, output)
         axis = self.stats.channel_axes[name] % output.dim()
-        transport = self._transport
-        if self._sync is not None and site.estimate.communicates(output, axis):
+        if transport is not None:
+            if output.numel() == 0:
+                return output
+        elif self._sync is not None and site.estimate.communicates(output, axis):
             # every process joins, an empty slice too (docs/method.md § Synchronised correction)
             transport = self._synchronised(name, output, axis)
             if transport is None:
                 return output
         elif output.numel() == 0:
             return output
+        else:
+            transport = self._transport
         if site.module.training and not self._warned_train and output.numel() > 0:
             self._warned_train = True
             warnings.warn(
@@ -747,6 +940,14 @@ class DMC(nn.Module):
         for h in self._handles:
             h.remove()
         self._handles = []
+        for name, (previous, patched) in self._patched.items():
+            module = self._sites[name].module
+            if module.__dict__.get("forward") is patched:  # not replaced again since
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
+        self._patched = {}
         self._removed = True
         return self.model
 

@@ -77,8 +77,14 @@ def sample_channel_values(act: Tensor, channel_axis: int, m: int,
 
 def sample_positions(shape: tuple[int, ...] | torch.Size, channel_axis: int, m: int,
                      generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> tuple[Tensor, ...]:
+                     device: torch.device | str | None = None, *,
+                     ordered: bool = False) -> tuple[Tensor, ...]:
     """``m`` uniformly random positions (with replacement) of an activation of ``shape``.
+
+    Args:
+        ordered: return the same positions sorted in row-major order of ``shape`` (the draw is
+            unchanged): `gather_positions` then reads memory in ascending order, about 3× faster
+            on a large CPU activation, and every order-free statistic of the sample is the same.
 
     Returns:
         One index tensor of length ``m`` per axis other than the channel axis (on ``device``),
@@ -88,6 +94,8 @@ def sample_positions(shape: tuple[int, ...] | torch.Size, channel_axis: int, m: 
     other = tuple(shape[:axis]) + tuple(shape[axis + 1:])
     flat = torch.randint(math.prod(other), (m,), generator=generator,
                          device=generator.device if generator is not None else "cpu")
+    if ordered:
+        flat = flat.sort().values
     return tuple(i.to(device) for i in torch.unravel_index(flat, other))
 
 
@@ -314,6 +322,20 @@ class QuantileSketch:
 
 
 def _channel_extremes(act: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Per-channel minimum and maximum of an activation (``C`` each)."""
+    """Per-channel minimum and maximum of an activation (``C`` each).
+
+    Reduced in two steps over a view where the memory order allows (``N×C×…`` contiguous:
+    ``N×C×P`` over ``P`` then ``N``; channels last in memory: ``R×C`` over ``R``), which CPU
+    kernels do many times faster than one reduction over all the other axes; the same values.
+    """
+    c = act.shape[axis]
+    if act.dim() > 2 and axis == 1 and act.is_contiguous():
+        view = act.view(act.shape[0], c, -1)
+        return view.amin(dim=2).amin(dim=0), view.amax(dim=2).amax(dim=0)
+    last = act if axis == act.dim() - 1 else (
+        act.permute(0, 2, 3, 1) if act.dim() == 4 and axis == 1 else None)
+    if last is not None and last.is_contiguous():
+        view = last.view(-1, c)
+        return view.amin(dim=0), view.amax(dim=0)
     other = [d for d in range(act.dim()) if d != axis]
     return act.amin(dim=other), act.amax(dim=other)

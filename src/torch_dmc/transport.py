@@ -10,9 +10,11 @@ values, ties given their *average* rank, and ``u_i = (r_i - 1/2) / N``, the corr
 ``T(x_i) = Q_ref(u_i)``, ``Q_ref`` linearly interpolated between the stored levels. It is the
 monotone map that minimises the 1-D Wasserstein-p distance between the batch's empirical
 distribution and the reference, for every p >= 1. `transport_exact` computes it with a full sort;
-grid mode (docs/method.md § Grid mode: `lut_from_sample` then `apply_lut`) estimates the batch CDF
-from a histogram and applies the tabulated map in one pass, to activations of any layout
-(``N×C×…`` or ``N×T×C``). `transport_quantiles` (exact) and
+grid mode (docs/method.md § Grid mode: `lut_from_sample` then `apply_lut`, or both in one call,
+`grid_transport`) estimates the batch CDF from a histogram and applies the tabulated map in one
+lookup, to activations of any layout (``N×C×…`` or ``N×T×C``), optionally to a per-channel affine
+image ``a·x + b`` of them without computing it (a BatchNorm's output from its input:
+docs/method.md § Grid mode, BatchNorm sites). `transport_quantiles` (exact) and
 `lut_from_quantiles` (grid) map through an *estimated* test quantile function instead of the
 batch's ranks: the ``prior`` and ``ema`` estimates blend quantile tables (`empirical_quantiles`,
 or `histogram_quantiles` without a sort) and invert them with `quantile_cdf`. Rows may also be
@@ -31,6 +33,7 @@ Nothing here loops over channels or samples in Python.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Protocol
 
 import torch
@@ -59,6 +62,8 @@ __all__ = [
     "lut_from_quantiles",
     "lut_grid",
     "apply_lut",
+    "grid_transport",
+    "LOOKUP_GROUPS",
 ]
 
 
@@ -82,7 +87,7 @@ def all_finite(x: Tensor) -> bool:
     """
     if not x.is_floating_point():
         return True
-    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+    if math.isfinite(x.sum(dtype=torch.float32).item()):
         return True
     return bool(torch.isfinite(x).all())
 
@@ -188,13 +193,11 @@ def interp_quantiles(q: Tensor, u: Tensor) -> Tensor:
         b, m = u.shape[0] // c, u.shape[1]
         flat = u.view(b, c, m).transpose(0, 1).reshape(c, b * m)
         return interp_quantiles(q, flat).view(c, b, m).transpose(0, 1).reshape(b * c, m)
-    pos = u.to(q.dtype).clamp(0, 1) * (k - 1)
+    pos = u.to(q.dtype).clamp(0, 1).mul_(k - 1)
     lo = pos.floor().clamp_(max=k - 2)
     frac = pos - lo
     lo = lo.long()
-    q_lo = q.gather(1, lo)
-    q_hi = q.gather(1, lo + 1)
-    return torch.lerp(q_lo, q_hi, frac)
+    return torch.lerp(q.gather(1, lo), q[:, 1:].gather(1, lo), frac)
 
 
 def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
@@ -392,33 +395,64 @@ class HistogramReduce(Protocol):
         """The elementwise sum over processes of ``C×B`` integer cell counts."""
 
 
-def _histogram(values: Tensor, finite: Tensor, count: Tensor | None, lo: Tensor, hi: Tensor,
+def _flat(t: Tensor) -> Tensor:
+    """All entries of a 2-D tensor as a 1-D view, in memory order (a copy only when neither ``t``
+    nor its transpose is contiguous)."""
+    return t.reshape(-1) if t.is_contiguous() or not t.T.is_contiguous() else t.T.reshape(-1)
+
+
+def _histogram(values: Tensor, finite: Tensor | None, count: Tensor | int, lo: Tensor, hi: Tensor,
                size: int, reduce: HistogramReduce | None = None) -> tuple[Tensor, Tensor]:
     """Node spacing and average-rank node levels of finite ``values`` on ``size`` nodes over
-    ``[lo, hi]`` (values outside fall in the end nodes' cells); see `histogram_levels`. With
-    ``reduce`` the counts are summed over processes and ``count`` is their row sum."""
+    ``[lo, hi]`` (values outside fall in the end nodes' cells); see `histogram_levels`.
+    ``finite``: the finite mask of ``values`` (``None``: all finite, ``count`` the row length).
+    With ``reduce`` the counts are summed over processes and ``count`` is their row sum."""
     c = values.shape[0]
     step = (hi - lo) / (size - 1)
     # an all-equal channel gets step 1; a subnormal step would make 1/step overflow
-    step = torch.where(step > 0, step, torch.ones_like(step)).clamp_min(torch.finfo(torch.float32).tiny)
-    inv = (1 / step).unsqueeze(1)
+    step = step.masked_fill_(step == 0, 1.0).clamp_min_(torch.finfo(torch.float32).tiny)
+    inv = step.reciprocal().unsqueeze(1)
     cell = torch.addcmul(-lo.unsqueeze(1) * inv, values, inv).round_().clamp_(0, size - 1)
-    cell = cell.masked_fill_(~finite, size)  # non-finite values go to a discarded extra cell
-    offsets = (torch.arange(c, device=values.device) * (size + 1)).unsqueeze(1)
-    counts = torch.bincount((cell.long() + offsets).flatten(), minlength=c * (size + 1))
-    counts = counts.view(c, size + 1)[:, :size]
+    width = size if finite is None else size + 1  # non-finite values go to a discarded extra cell
+    if finite is not None:
+        cell = cell.masked_fill_(~finite, size)
+    # row offsets added in float: exact, every cell index is an integer below 2^24
+    offsets = torch.arange(0, c * width, width, device=values.device, dtype=torch.float32)
+    counts = torch.bincount(_flat(cell.add_(offsets.unsqueeze(1))).int(), minlength=c * width)
+    counts = counts.view(c, width)[:, :size]
     if reduce is not None:
         counts = reduce.sum(counts)
         count = counts.sum(dim=1)
     counts = counts.to(torch.float32)
-    level = (counts.cumsum(dim=1) - counts / 2) / count.unsqueeze(1)  # (b_j + n_j / 2) / M
+    # a tensor divisor either way: the same rounding as a per-row count (a Python number would be
+    # applied as a reciprocal)
+    total = (count.unsqueeze(1) if isinstance(count, Tensor)
+             else torch.full((c, 1), count, dtype=torch.float32, device=values.device))
+    level = counts.cumsum(dim=1).sub_(counts, alpha=0.5).div_(total)  # (b_j + n_j / 2) / M
     return step, level
+
+
+def _surely_wide(level: Tensor, size: int) -> bool:
+    """Whether no row's knot range can narrow (`histogram_levels`' refinement), read off the node
+    levels with one search: a sufficient test, cheaper than the quantiles the refinement needs.
+
+    The refinement's ``q_p`` lies in the cell right below node ``j_p`` (the first node whose
+    level reaches ``p``, clamped to ``[1, B - 1]``), so ``w = q_{1-p} - q_p`` is at least
+    ``d·step`` with ``d = j_{1-p} - j_p - 1``; the candidate range is at least
+    ``(1 + k)·w + step`` wide, so a row with ``2·((1 + k)·d + 1) >= (B - 1)`` (a 1 % margin
+    against rounding) never narrows.
+    """
+    t = torch.tensor([[OUTLIER_LEVEL, 1 - OUTLIER_LEVEL]], device=level.device)
+    j = torch.searchsorted(level.contiguous(), t.expand(level.shape[0], 2).contiguous())
+    j = j.clamp_(1, size - 1)
+    d = int((j[:, 1] - j[:, 0]).min()) - 1
+    return 2 * ((1 + OUTLIER_MARGIN) * max(d, 0) + 1) >= 1.01 * (size - 1)
 
 
 def _finite_range(v: Tensor, finite: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
     """Each row's finite minimum and maximum (``+inf`` and ``-inf`` for a row without any)."""
     if v.shape[1] > 0 and bool(count.min() == v.shape[1]):
-        return v.aminmax(dim=1)
+        return v.amin(dim=1), v.amax(dim=1)  # (aminmax is several times slower on CPU)
     if v.shape[1] == 0:
         return (torch.full(v.shape[:1], float("inf"), device=v.device),
                 torch.full(v.shape[:1], float("-inf"), device=v.device))
@@ -465,6 +499,13 @@ def histogram_levels(values: Tensor, size: int, *, robust: bool = True,
     if size < 2:
         raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
     v = values.float()
+    if reduce is None and v.shape[1] > 0:  # fast path: every value finite (no masks, one sync)
+        lo, hi = v.amin(dim=1), v.amax(dim=1)  # (aminmax is several times slower on CPU)
+        if bool(torch.isfinite(hi - lo).all()):
+            step, level = _histogram(v, None, v.shape[1], lo, hi, size)
+            if not robust or _surely_wide(level, size):
+                return lo, step, level
+            return _refine(v, None, v.shape[1], lo, hi, step, level, size, None)
     finite = torch.isfinite(v)
     count = finite.sum(dim=1)
     lo, hi = _finite_range(v, finite, count)
@@ -474,7 +515,16 @@ def histogram_levels(values: Tensor, size: int, *, robust: bool = True,
     if bool(empty.any()):
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     step, level = _histogram(v, finite, count, lo, hi, size, reduce)
-    for _ in range(REFINEMENTS if robust else 0):
+    if not robust:
+        return lo, step, level
+    return _refine(v, finite, count, lo, hi, step, level, size, reduce)
+
+
+def _refine(v: Tensor, finite: Tensor | None, count: Tensor | int, lo: Tensor, hi: Tensor,
+            step: Tensor, level: Tensor, size: int,
+            reduce: HistogramReduce | None) -> tuple[Tensor, Tensor, Tensor]:
+    """`histogram_levels`' knot-range refinement (docs/method.md § Knot placement)."""
+    for _ in range(REFINEMENTS):
         t = torch.tensor([OUTLIER_LEVEL, 1 - OUTLIER_LEVEL], device=v.device).expand(v.shape[0], 2)
         q = _invert_levels(lo, step, level.nan_to_num(0.0), t)
         margin = OUTLIER_MARGIN * (q[:, 1] - q[:, 0]) + step
@@ -505,7 +555,7 @@ def lut_from_sample(values: Tensor, q_ref: Tensor, size: int, *,
     ``F̂`` is the histogram CDF of `histogram_levels` (average-rank levels, no sort). A value's
     level thus differs from its exact one by at most half its cell's share of the values;
     `apply_lut` looks values up at their nearest node, so equal inputs give equal outputs and the
-    map is monotone.
+    map is monotone. `grid_transport` does both steps in one call.
 
     Args:
         values: ``C×M`` values of the test batch per channel: all of them, or a random subsample
@@ -571,10 +621,12 @@ def _table_rows(channels: int) -> int:
 
 def lut_grid(shape: tuple[int, ...] | torch.Size, channel_axis: int = 1,
              device: torch.device | str | None = None) -> Tensor:
-    """A sampling-grid buffer for `apply_lut` on activations of ``shape``: ``shape × 2`` float32.
+    """A coordinate buffer for `apply_lut` on activations of ``shape``: ``2 × shape`` float32.
 
-    Its second coordinate (each value's table row, i.e. its channel) is filled here; `apply_lut`
-    only writes the first. Reusing one buffer across calls of the same shape saves a pass.
+    Two planes: plane 1, each value's table row (its channel), is filled here; `apply_lut` writes
+    each value's position in its table into plane 0. The planes are handed to ``grid_sample`` as
+    one grid whose coordinate stride is a whole plane, so plane 0 is written contiguously.
+    Reusing one buffer across calls of the same shape saves filling plane 1 again.
     """
     axis = channel_axis % len(shape)
     c = shape[axis]
@@ -582,54 +634,141 @@ def lut_grid(shape: tuple[int, ...] | torch.Size, channel_axis: int = 1,
     bshape[axis] = c
     rows = _table_rows(c)
     row = torch.arange(c, device=device, dtype=torch.float32) * (2 / max(rows - 1, 1)) - 1
-    grid = torch.empty(*shape, 2, device=device, dtype=torch.float32)
-    grid[..., 1] = row.view(bshape)
-    return grid
+    planes = torch.empty(2, *shape, device=device, dtype=torch.float32)
+    planes[1] = row.view(bshape)
+    return planes
 
 
-def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = None) -> Tensor:
+LOOKUP_GROUPS = 64
+"""At most this many groups the lookup's values are split into: ``grid_sample`` runs its batch
+axis in parallel, and one group would keep it on one thread."""
+
+
+def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = None, *,
+              affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Apply a tabulated per-channel map to an activation of any layout, in one fused kernel.
 
     Each value takes the table entry of its nearest node (values outside the table's range take
     the end nodes'). The table is read with ``torch.nn.functional.grid_sample`` (nearest, border
     padding): the value's position in its channel's table is the horizontal coordinate and the
     channel's row the vertical one, at an exact row coordinate. The activation is never
-    transposed. The map is piecewise constant: its gradient with respect to ``x`` is zero, as for
-    `transport_exact`.
+    transposed: one pass writes the positions (in ``x``'s shape, contiguous), one reads them and
+    writes the output. The map is piecewise constant: its gradient with respect to ``x`` is zero,
+    as for `transport_exact`.
 
     Args:
         x: activation with ``C`` channels on ``channel_axis`` (e.g. ``N×C×H×W`` or ``N×T×C``).
         lut: the `Lut` (``C×B`` table).
         channel_axis: the channel axis of ``x``.
         grid: optional buffer from `lut_grid` for this shape and axis, reused across calls.
+        affine: optional per-channel ``(a, b)`` (each ``C``): map ``a·x + b`` instead of ``x``,
+            without computing it (any sign of ``a``, zero included). Where ``x`` is not finite
+            the output is ``a·x + b`` (the map's input, passed through).
 
     Returns:
         The mapped activation, shape and dtype of ``x``; non-finite values pass through.
     """
+    return _lookup(x, lut, channel_axis, grid, affine, not all_finite(x.detach()))
+
+
+def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
+            affine: tuple[Tensor, Tensor] | None, nonfinite: bool,
+            image: Tensor | None = None) -> Tensor:
+    """`apply_lut`, told whether ``x`` has a non-finite value; ``image``: the table already
+    padded to `_table_rows` rows (``lut.table`` its first ``C`` rows)."""
     axis = channel_axis % x.dim()
     c, b = lut.table.shape
     if x.shape[axis] != c:
         raise ValueError(f"x has {x.shape[axis]} channels on axis {axis}, the table has {c}")
+    n = x.numel()
+    if n == 0:
+        return x.detach().clone()
     rows = _table_rows(c)
-    table = lut.table.to(torch.float32)
-    if rows > c:
+    table = _float(lut.table) if image is None else image
+    if table.shape[0] < rows:  # rows >= C are never read (row coordinates are exact)
         table = torch.cat([table, table[-1:].expand(rows - c, b)])
     bshape = [1] * x.dim()
     bshape[axis] = c
-    scale = (2 / ((b - 1) * lut.step)).to(torch.float32).view(bshape)
-    shift = -lut.origin.to(torch.float32).view(bshape) * scale - 1
+    # the grid coordinate of x: -1 at the first node, +1 at the last
+    scale = 2 / ((b - 1) * _float(lut.step))
+    shift = -_float(lut.origin) * scale - 1
+    if affine is not None:
+        a, offset = (_float(t) for t in affine)
+        scale, shift = a * scale, torch.addcmul(shift, offset, scale)
     if grid is None:
         grid = lut_grid(x.shape, axis, x.device)
-    elif grid.shape != (*x.shape, 2):
-        raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(*x.shape, 2)}: "
+    elif grid.shape != (2, *x.shape):
+        raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(2, *x.shape)}: "
                          "make it with lut_grid(x.shape, channel_axis)")
+    groups = math.gcd(n, LOOKUP_GROUPS)
     with torch.no_grad():
-        coord = grid[..., 0]
-        torch.addcmul(shift, x.detach(), scale, out=coord)
-        nonfinite = not all_finite(x.detach())
+        coord = grid[0]
+        torch.addcmul(shift.view(bshape), x.detach(), scale.view(bshape), out=coord)
         if nonfinite:
             coord.nan_to_num_(0.0, 0.0, 0.0)
         out = torch.nn.functional.grid_sample(
-            table.view(1, 1, rows, b), grid.view(1, -1, x.shape[-1], 2), mode="nearest",
-            padding_mode="border", align_corners=True).view(x.shape).to(x.dtype)
-    return torch.where(torch.isfinite(x), out, x) if nonfinite else out
+            table.view(1, 1, rows, b).expand(groups, 1, rows, b),
+            grid.view(2, groups, 1, n // groups).permute(1, 2, 3, 0), mode="nearest",
+            padding_mode="border", align_corners=True).view(x.shape)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+    if not nonfinite:
+        return out
+    through = x if affine is None else x * a.view(bshape) + offset.view(bshape)
+    return torch.where(torch.isfinite(x), out, through.to(out.dtype))
+
+
+def _float(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_axis: int = 1,
+                   grid: Tensor | None = None, *, affine: tuple[Tensor, Tensor] | None = None,
+                   finite: bool | None = None) -> Tensor:
+    """Grid transport of ``x`` through the histogram of its sampled ``values``, in one call.
+
+    The same result as ``apply_lut(x, lut_from_sample(values, q_ref, size), channel_axis, grid,
+    affine=affine)`` (``values`` then taken of ``a·x + b``), in fewer steps: when every value of
+    ``x`` is finite (checked once) the histogram skips its masks and the lookup its check, and
+    the knot range is refined only when a cheap count says it might narrow.
+
+    Args:
+        x: activation with ``C`` channels on ``channel_axis``.
+        values: ``C×M`` values of ``x`` per channel (all of them or a sample; see
+            `lut_from_sample`), in ``x``'s units.
+        q_ref: ``C×K`` reference quantile table.
+        size: nodes ``B >= 2`` per channel.
+        channel_axis, grid: as for `apply_lut`.
+        affine: map ``a·x + b`` instead of ``x`` (per-channel ``(a, b)``, see `apply_lut`): the
+            knots span the range of ``a·values + b``.
+        finite: whether every value of ``x`` is finite, if the caller knows (``None``: checked).
+
+    Returns:
+        The mapped activation, shape and dtype of ``x``; non-finite values pass through.
+    """
+    v = _float(values)
+    if affine is not None:  # multiply, then add: as BatchNorm's kernel computes its output
+        v = v * _float(affine[0]).unsqueeze(1) + _float(affine[1]).unsqueeze(1)
+    if finite is None:
+        finite = all_finite(x.detach())
+    if not finite or v.shape[1] == 0:
+        return _lookup(x, lut_from_sample(v, q_ref, size), channel_axis, grid, affine, True)
+    if size < 2:
+        raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
+    _check_matrix(v, "values")
+    c, k = q_ref.shape
+    # every value finite (one check): no masks, and the knot range refined only if it may narrow
+    lo, hi = v.amin(dim=1), v.amax(dim=1)  # (aminmax is several times slower on CPU)
+    step, level = _histogram(v, None, v.shape[1], lo, hi, size)
+    if not _surely_wide(level, size):
+        lo, step, level = _refine(v, None, v.shape[1], lo, hi, step, level, size, None)
+    # Q_ref at the node levels, straight into the table image: `interp_quantiles` for levels in
+    # [0, 1] (the same arithmetic), without its checks
+    image = torch.empty(_table_rows(c), size, device=v.device)
+    pos = level.mul_(k - 1)
+    node = pos.floor().clamp_(max=k - 2)
+    frac = pos - node
+    node = node.long()
+    q = _float(q_ref)
+    torch.lerp(q.gather(1, node), q[:, 1:].gather(1, node), frac, out=image[:c])
+    return _lookup(x, Lut(image[:c], lo, step), channel_axis, grid, affine, False, image)

@@ -38,7 +38,9 @@ class DMCMethod(Method):
         adapt_bn: configure the copy's BatchNorm layers like ``bn`` before the correction. The
             transport is invariant to increasing affine maps, so this changes the output only where
             a BatchNorm output is not itself corrected at full strength (``strength`` < 1, a
-            ``sites`` subset, or sites elsewhere in the network).
+            ``sites`` subset, or sites elsewhere in the network); in grid mode such a fully
+            corrected site skips the batch statistics altogether (docs/method.md § Grid mode,
+            BatchNorm sites).
         **options: passed to ``torch_dmc.DMC`` (``mode``, ``strength``, ``sites``, ...); names that
             ``DMC`` does not accept raise ``ValueError``.
 

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..correct import AFFINE_FORWARD
 from .base import Method, describe_norm_layers, has_batchnorm
 
 Moments = tuple[torch.Tensor, torch.Tensor]
@@ -186,6 +187,8 @@ def configure_bn(model: nn.Module, rule) -> list[str]:
                 f"but {rule!r} needs source statistics: use the 'bn' method for this model"
             )
         module.forward = functools.partial(_forward_with_rule, rule, module)
+        if isinstance(rule, BatchStatistics):  # an affine map of the input, no side effect
+            setattr(module.forward, AFFINE_FORWARD, True)
         names.append(name)
     return names
 
