@@ -213,7 +213,7 @@ def _check_models(report: dict, stats: ReferenceStats) -> None:
 def _failing_forward(rank: int, stats_path: str, stall: bool) -> None:
     """Rank 1 raises (or, ``stall``, stays alive without joining) before a synchronised forward;
     rank 0's forward must then fail on its own, within the group's timeout, not hang."""
-    synced = dmc.DMC(build_net(), ReferenceStats.load(stats_path), process_group=dist.group.WORLD)
+    synced = dmc.DMC(build_net(), ReferenceStats.load(stats_path), process_group=_GROUP)
     if rank == 1:
         if stall:
             time.sleep(10 * GROUP_TIMEOUT_S)  # the harness kills it
@@ -240,6 +240,9 @@ def _stall(rank: int, stats_path: str, out: str) -> None:
     _failing_forward(rank, stats_path, stall=True)
 
 
+_GROUP = None
+"""In a rank: the group of every rank with the scenario's timeout (`_worker`)."""
+
 SCENARIOS = {"equal-then-raise": _equal_then_raise, "stall": _stall}
 
 
@@ -248,8 +251,12 @@ def _worker(rank: int, scenario: str, store: str, stats_path: str, out: str, tim
     ``rank{r}.err`` and exit 1."""
     try:
         torch.set_num_threads(1)
+        # start-up may take long on a loaded machine: the scenario's short timeout is that of a
+        # group made once every rank is in
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                                timeout=timedelta(seconds=timeout_s))
+                                timeout=timedelta(seconds=max(timeout_s, GROUP_TIMEOUT_S)))
+        global _GROUP
+        _GROUP = dist.new_group(timeout=timedelta(seconds=timeout_s))
         SCENARIOS[scenario](rank, stats_path, out)
         dist.destroy_process_group()
     except BaseException:
