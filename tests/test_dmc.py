@@ -347,6 +347,36 @@ def test_batchnorm_sites_skip_their_own_pass_and_agree_with_the_hooked_correctio
     assert torch.equal(model(x), reference)
 
 
+def test_a_batchnorm_with_a_replaced_unmarked_forward_is_corrected_from_what_that_forward_returns(
+        model_and_stats, monkeypatch):
+    """A user's own instance ``forward`` on a BatchNorm site (not marked affine) must run: the
+    site is then corrected from its output, exactly as on the hooked path, and `remove` keeps it."""
+    model, stats = model_and_stats
+    x = distorted(source_images(64, seed=23), 3)
+    nets = [copy.deepcopy(model) for _ in range(2)]
+    calls = []
+    name = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for net in nets:
+        bn = net.get_submodule(name)
+        plain = bn.forward
+
+        def replaced(inp, plain=plain):  # not an affine map of the input: must not be skipped
+            calls.append(1)
+            return torch.tanh(plain(inp))
+        bn.forward = replaced
+    # that site alone: the other sites' fusion would round differently
+    want = _unfused(monkeypatch, nets[0], stats, sites=[name])
+    with torch.no_grad():
+        expected = want(x)
+    calls.clear()
+    fused = dmc.DMC(nets[1], stats, sites=[name])
+    with torch.no_grad():
+        got = fused(x)
+    assert calls == [1]
+    assert torch.equal(got, expected)
+    assert fused.remove().get_submodule(name).forward.__name__ == "replaced"
+
+
 @pytest.mark.parametrize("case", ["strength", "prior", "exact", "train"])
 def test_batchnorm_sites_run_their_own_pass_where_the_lookup_needs_it(model_and_stats, monkeypatch,
                                                                       case):
