@@ -340,15 +340,20 @@ class GridTransport:
             return cache.sample(output, axis, self.grid_sample)
         return output.detach().movedim(axis, 0).reshape(c, n)
 
+    @staticmethod
+    def _in_layout(output: Tensor, axis: int, cache: ShapeCache, lookup) -> Tensor:
+        """``lookup(x, axis, grid)`` on the output in its own memory layout: a channels-last
+        output as its NHWC view (no layout change, and the result stays channels-last)."""
+        if _is_channels_last(output, axis):
+            view = output.permute(0, 2, 3, 1)
+            return lookup(view, 3, cache.grid(view.shape, 3, view.device)).permute(0, 3, 1, 2)
+        return lookup(output, axis, cache.grid(output.shape, axis, output.device))
+
     def _apply(self, output: Tensor, axis: int, lut, cache: ShapeCache,
                affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """`apply_lut` in the output's own memory layout (a channels-last output stays so)."""
-        if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
-            view = output.permute(0, 2, 3, 1)
-            return apply_lut(view, lut, 3, cache.grid(view.shape, 3, view.device),
-                             affine=affine).permute(0, 3, 1, 2)
-        return apply_lut(output, lut, axis, cache.grid(output.shape, axis, output.device),
-                         affine=affine)
+        return self._in_layout(output, axis, cache,
+                               lambda x, ax, grid: apply_lut(x, lut, ax, grid, affine=affine))
 
     def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache,
               affine: tuple[Tensor, Tensor] | None = None, finite: bool | None = None) -> Tensor:
@@ -358,13 +363,8 @@ class GridTransport:
         BatchNorm sites). ``finite``: whether every value is finite, if known."""
         values = self._values(output, axis, cache)
         size = self._size(values)
-        if _is_channels_last(output, axis):  # work on the NHWC view: no layout change
-            view = output.permute(0, 2, 3, 1)
-            return grid_transport(view, values, q_ref, size, 3, cache.grid(view.shape, 3, view.device),
-                                  affine=affine, finite=finite).permute(0, 3, 1, 2)
-        return grid_transport(output, values, q_ref, size, axis,
-                              cache.grid(output.shape, axis, output.device), affine=affine,
-                              finite=finite)
+        return self._in_layout(output, axis, cache, lambda x, ax, grid: grid_transport(
+            x, values, q_ref, size, ax, grid, affine=affine, finite=finite))
 
     def match_rows(self, rows: Tensor, q_ref: Tensor) -> Tensor:
         """Every ``B·C`` (sample, channel) row matched on its own, all its positions used."""

@@ -193,11 +193,16 @@ def interp_quantiles(q: Tensor, u: Tensor) -> Tensor:
         b, m = u.shape[0] // c, u.shape[1]
         flat = u.view(b, c, m).transpose(0, 1).reshape(c, b * m)
         return interp_quantiles(q, flat).view(c, b, m).transpose(0, 1).reshape(b * c, m)
-    pos = u.to(q.dtype).clamp(0, 1).mul_(k - 1)
-    lo = pos.floor().clamp_(max=k - 2)
-    frac = pos - lo
-    lo = lo.long()
-    return torch.lerp(q.gather(1, lo), q[:, 1:].gather(1, lo), frac)
+    return _lerp_at(q, u.to(q.dtype).clamp(0, 1).mul_(k - 1))
+
+
+def _lerp_at(q: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:
+    """``C×K`` tables ``q`` read at fractional positions ``pos`` in ``[0, K - 1]`` (``C×M``,
+    overwritten), linearly interpolated; into ``out`` if given."""
+    node = pos.floor().clamp_(max=q.shape[1] - 2)
+    frac = pos - node
+    node = node.long()
+    return torch.lerp(q.gather(1, node), q[:, 1:].gather(1, node), frac, out=out)
 
 
 def transport_exact(x: Tensor, q_ref: Tensor) -> Tensor:
@@ -502,10 +507,7 @@ def histogram_levels(values: Tensor, size: int, *, robust: bool = True,
     if reduce is None and v.shape[1] > 0:  # fast path: every value finite (no masks, one sync)
         lo, hi = v.amin(dim=1), v.amax(dim=1)  # (aminmax is several times slower on CPU)
         if bool(torch.isfinite(hi - lo).all()):
-            step, level = _histogram(v, None, v.shape[1], lo, hi, size)
-            if not robust or _surely_wide(level, size):
-                return lo, step, level
-            return _refine(v, None, v.shape[1], lo, hi, step, level, size, None)
+            return _finite_levels(v, lo, hi, size, robust)
     finite = torch.isfinite(v)
     count = finite.sum(dim=1)
     lo, hi = _finite_range(v, finite, count)
@@ -518,6 +520,16 @@ def histogram_levels(values: Tensor, size: int, *, robust: bool = True,
     if not robust:
         return lo, step, level
     return _refine(v, finite, count, lo, hi, step, level, size, reduce)
+
+
+def _finite_levels(v: Tensor, lo: Tensor, hi: Tensor, size: int,
+                   robust: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """`histogram_levels` of rows whose values are all finite, given their minima and maxima:
+    no masks, and the knot range refined only if `_surely_wide` cannot rule it out."""
+    step, level = _histogram(v, None, v.shape[1], lo, hi, size)
+    if not robust or _surely_wide(level, size):
+        return lo, step, level
+    return _refine(v, None, v.shape[1], lo, hi, step, level, size, None)
 
 
 def _refine(v: Tensor, finite: Tensor | None, count: Tensor | int, lo: Tensor, hi: Tensor,
@@ -758,17 +770,8 @@ def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_
     _check_matrix(v, "values")
     c, k = q_ref.shape
     # every value finite (one check): no masks, and the knot range refined only if it may narrow
-    lo, hi = v.amin(dim=1), v.amax(dim=1)  # (aminmax is several times slower on CPU)
-    step, level = _histogram(v, None, v.shape[1], lo, hi, size)
-    if not _surely_wide(level, size):
-        lo, step, level = _refine(v, None, v.shape[1], lo, hi, step, level, size, None)
-    # Q_ref at the node levels, straight into the table image: `interp_quantiles` for levels in
-    # [0, 1] (the same arithmetic), without its checks
+    lo, step, level = _finite_levels(v, v.amin(dim=1), v.amax(dim=1), size)
+    # Q_ref at the node levels (levels lie in [0, 1]), straight into the table image
     image = torch.empty(_table_rows(c), size, device=v.device)
-    pos = level.mul_(k - 1)
-    node = pos.floor().clamp_(max=k - 2)
-    frac = pos - node
-    node = node.long()
-    q = _float(q_ref)
-    torch.lerp(q.gather(1, node), q[:, 1:].gather(1, node), frac, out=image[:c])
+    _lerp_at(_float(q_ref), level.mul_(k - 1), out=image[:c])
     return _lookup(x, Lut(image[:c], lo, step), channel_axis, grid, affine, False, image)
