@@ -55,8 +55,8 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "optimizer": "sgd", "weight_decay": 5e-4, "label_smoothing": 0.0,
     },
     "vit": {
-        "epochs": 16, "lr": 2e-3, "batch_size": 64, "augment": False,
-        "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1, "label_smoothing": 0.0,
+        "epochs": 20, "lr": 2e-3, "batch_size": 64, "augment": "flip",
+        "optimizer": "adamw", "weight_decay": 0.05, "warmup_epochs": 1, "label_smoothing": 0.1,
     },
 }
 
@@ -145,8 +145,10 @@ def train_model(
     GroupNorm ResNet with batch 64, lr 0.2, 8 epochs: 7.57% test error (6 epochs underfit: 8.01%
     test, 5.8% train error; 5 epochs at batch 128: 8.95% test, 7.2% train error).
     ``arch="vit"``: AdamW (weight decay 0.05 on weights), batch 64, peak lr
-    2e-3, one epoch of linear warm-up then cosine decay to 0, no augmentation, 16 epochs: 10.15%
-    test error (8 epochs: 11.76%, underfitting; 8 at batch 128: 12.9% test, 10.7% train error).
+    2e-3, one epoch of linear warm-up then cosine decay to 0, random horizontal flips, label
+    smoothing 0.1, 20 epochs: 9.59% test error. Without flips and label smoothing: 20 epochs
+    10.22%, 16 epochs 10.15%, 8 epochs 11.76% (underfitting; 8 at batch 128: 12.9% test, 10.7%
+    train error).
     Deterministic on the CPU for a fixed seed and thread count: the initialisation comes from
     ``torch.manual_seed(seed)``, the shuffling and the augmentation from seeded
     ``torch.Generator`` objects.
@@ -337,6 +339,7 @@ def train_main(
         "lr": recipe["lr"],
         "augment": augment[recipe["augment"]],
         "optimizer": optimizer,
+        "label_smoothing": recipe["label_smoothing"],
         "clean_test_error": round(error, 3),
         "wall_time_s": round(wall, 1),
         "cpu_time_s": round(cpu, 1),
