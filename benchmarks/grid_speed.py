@@ -12,7 +12,8 @@ At each batch size the contenders are ``bn``, the default ``dmc``, the same with
 fusion off (``dmc unfused``: `torch_dmc.correct.FUSE_BATCHNORM` = False, every site corrected
 after its BatchNorm) and ``dmc`` with ``adapt_bn``.
 
-``--fit`` times ``fit`` over 2,000 training images against one plain pass over them.
+``--fit`` times ``fit`` (and ``fit`` with the per-sample reference) over 2,000 training images
+against one plain pass over them.
 ``--cpu-time`` times with the process's CPU time instead of the wall clock: with ``--threads 1``
 the ratios then hardly move when other processes share the cores (waiting for a core is not
 counted; the caches they share still are).
@@ -95,7 +96,7 @@ def main() -> int:
         m.remove()
         return 0
     if args.fit:  # the measurement of `dmc perf`, on fewer images
-        _report("fit, 2000 images", {"fit": perf._fit_vs_pass(None, 2000, args.repeats)})
+        _report("fit, 2000 images", perf._fit_vs_pass(None, 2000, args.repeats))
         return 0
     if args.efficientnet:
         from torch_dmc.bench.perf import _sample_photos

@@ -27,7 +27,9 @@ from torch import nn
 
 __all__ = ["add_perf_arguments", "run_perf", "time_ratios", "machine_info"]
 
-METHODS = ("bn", "tent", "dmc exact", "dmc grid", "dmc default")
+#: Contenders of the forward ratios: ``dmc unfused`` is the default with the BatchNorm fusion off
+#: (`torch_dmc.correct.FUSE_BATCHNORM`: every BatchNorm site corrected after its module).
+METHODS = ("bn", "tent", "dmc exact", "dmc unfused", "dmc default")
 
 
 def machine_info() -> dict:
@@ -79,13 +81,20 @@ def time_ratios(plain: Callable[[], object], contenders: dict[str, Callable[[], 
 
 
 def _methods(model: nn.Module, stats) -> dict[str, nn.Module]:
+    from .. import correct
     from ..methods import build
 
+    fuse = correct.FUSE_BATCHNORM
+    correct.FUSE_BATCHNORM = False  # read when a DMC is built
+    try:
+        unfused = build("dmc", model, stats)
+    finally:
+        correct.FUSE_BATCHNORM = fuse
     return {
         "bn": build("bn", model),
         "tent": build("tent", model),
         "dmc exact": build("dmc", model, stats, mode="exact"),
-        "dmc grid": build("dmc", model, stats, mode="grid"),
+        "dmc unfused": unfused,
         "dmc default": build("dmc", model, stats),
     }
 
@@ -159,8 +168,10 @@ def _efficientnet_case(batch: int, repeats: int) -> dict:
     return out
 
 
-def _fit_vs_pass(model_dir: str | None, images: int, repeats: int) -> dict:
-    """Time of ``fit`` over ``images`` training images against one plain pass over them."""
+def _fit_vs_pass(model_dir: str | None, images: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Time of ``fit`` over ``images`` training images against one plain pass over them, and of
+    ``fit(..., per_sample=True)`` (the per-sample reference, opt-in): ``{"fit": ratios,
+    "fit per-sample": ratios}`` as `time_ratios` gives them."""
     from .. import fit
     from ..data.arrays import batches, to_tensor
     from ..data.fashion_mnist import load_fashion_mnist
@@ -176,7 +187,11 @@ def _fit_vs_pass(model_dir: str | None, images: int, repeats: int) -> dict:
     def fitting():
         fit(model, batches(x, None, 200), progress=False)
 
-    return time_ratios(plain, {"fit": fitting}, repeats=repeats, warmup=1)["fit"]
+    def fitting_per_sample():
+        fit(model, batches(x, None, 200), progress=False, per_sample=True)
+
+    return time_ratios(plain, {"fit": fitting, "fit per-sample": fitting_per_sample},
+                       repeats=repeats, warmup=1)
 
 
 def _child_peak_rss(model_dir: str | None, task: str, images: int) -> float:
@@ -231,7 +246,11 @@ def render(results: dict) -> str:
             lines.append(f"| {model_name} | {key[6:]} | {plain_ms:.1f} | {cells} |")
     f = results["fit"]
     lines += ["", f"`fit` over {f['images']} training images: {_fmt(f['ratio'])} the time of one "
-              "plain inference pass over them.", "",
+              "plain inference pass over them."]
+    if "per_sample_ratio" in f:
+        lines.append(f"`fit` with the per-sample reference (`per_sample=True`): "
+                     f"{_fmt(f['per_sample_ratio'])}.")
+    lines += ["",
               "| peak RSS of a process (MB) | value |", "|---|---:|"]
     for k, v in results["memory"].items():
         lines.append(f"| {k} | {v:.0f} |" if isinstance(v, float) else f"| {k} | {v} |")
@@ -265,9 +284,9 @@ def run_perf(args) -> int:
         print("EfficientNet-Lite0 …", flush=True)
         results["forward"]["efficientnet-lite0 224²"] = _efficientnet_case(16, args.repeats)
     print("fit vs plain pass …", flush=True)
-    results["fit"] = {"images": args.fit_images,
-                      "ratio": _fit_vs_pass(args.model, args.fit_images,
-                                                   max(3, args.repeats // 2))}
+    fit_ratios = _fit_vs_pass(args.model, args.fit_images, max(3, args.repeats // 2))
+    results["fit"] = {"images": args.fit_images, "ratio": fit_ratios["fit"],
+                      "per_sample_ratio": fit_ratios["fit per-sample"]}
     n = args.fit_images
     results["memory"] = {
         f"plain pass, {n} images": _child_peak_rss(args.model, "plain", n),
