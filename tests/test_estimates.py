@@ -36,6 +36,20 @@ def test_empirical_quantiles_match_numpy_interp_over_midpoints(vals, k):
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-3)
 
 
+@settings(max_examples=40)
+@given(st.integers(2, 6), st.integers(1, 40), st.integers(2, 300), st.integers(0, 2**31 - 1))
+def test_empirical_quantiles_of_full_rows_match_numpy_and_the_per_row_path(rows, n, k, seed):
+    # all rows complete (the read positions computed once and shared) → each row as numpy says,
+    # and bit for bit what the per-row path (taken when some row has a non-finite value) gives
+    x = torch.randn(rows, n, generator=torch.Generator().manual_seed(seed)) * 10
+    got = empirical_quantiles(x, k)
+    for row, q in zip(x.numpy(), got.numpy(), strict=True):
+        expected = np.interp(np.linspace(0, 1, k), (np.arange(n) + 0.5) / n, np.sort(row))
+        np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-4)
+    spoiled = torch.cat([x, torch.full((1, n), float("nan"))])
+    assert torch.equal(empirical_quantiles(spoiled, k)[:rows], got)
+
+
 def test_quantile_cdf_inverts_a_strictly_increasing_table():
     q = torch.sort(torch.randn(3, 50, generator=torch.Generator().manual_seed(0)), dim=1).values
     u = torch.rand(3, 200, generator=torch.Generator().manual_seed(1))

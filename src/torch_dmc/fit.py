@@ -146,8 +146,8 @@ class SiteObserver:
             rows = per_sample_rows(output, axis, self.per_sample_images, self.sample_generator)
             if rows is not None:
                 b = rows.shape[0] // output.shape[axis]
-                table = empirical_quantiles(rows, self.levels).double().view(b, -1, self.levels)
-                table = table.sum(dim=0)
+                table = empirical_quantiles(rows, self.levels).view(b, -1, self.levels)
+                table = table.sum(dim=0, dtype=torch.float64)
                 self.sample_sum = table if self.sample_sum is None else self.sample_sum + table
                 self.sample_count += b
 

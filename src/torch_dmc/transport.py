@@ -307,11 +307,17 @@ def empirical_quantiles(x: Tensor, levels: int) -> Tensor:
         raise ValueError(f"levels must be at least 2 (both endpoints), found {levels}")
     v, _, _, n = _finite_sorted(x.float())
     t = torch.linspace(0, 1, levels, device=x.device)
+    if x.shape[1] > 0 and bool(n.min() == x.shape[1]):
+        # every row has all N values: the read positions are the same for every row, so compute
+        # them once (1×K, the same arithmetic as below) and read the rows with index_select
+        n = n[:1]
     top = (n - 1).clamp_min(0)
     pos = torch.minimum((t * n - 0.5).clamp_min(0), top)  # index of level t among the midpoints
     lo = torch.minimum(pos.floor().long(), (n - 2).clamp_min(0))
     hi = torch.minimum(lo + 1, top)
     frac = (pos - lo).clamp(0, 1)
+    if n.shape[0] == 1 < v.shape[0]:  # shared positions (above)
+        return torch.lerp(v.index_select(1, lo[0]), v.index_select(1, hi[0]), frac)
     q = torch.lerp(v.gather(1, lo), v.gather(1, hi), frac)
     return q if n.min() > 0 else q.masked_fill(n == 0, float("nan"))
 
