@@ -9,6 +9,7 @@ from scipy.stats import rankdata, wasserstein_distance
 
 from torch_dmc.sketch import gather_positions, sample_channel_values, sample_positions
 from torch_dmc.transport import (
+    affine_values,
     apply_lut,
     grid_transport,
     histogram_levels,
@@ -407,3 +408,17 @@ def test_ordered_positions_are_the_same_draw_sorted():
     x = torch.randn(shape)
     va, vb = gather_positions(x, 1, a), gather_positions(x, 1, b)
     assert torch.equal(va.sort(dim=1).values, vb.sort(dim=1).values)
+
+
+def test_affine_values_is_an_eval_batchnorm_on_channel_rows():
+    g = torch.Generator().manual_seed(3)
+    bn = torch.nn.BatchNorm1d(5).eval()
+    with torch.no_grad():
+        for t in (bn.weight, bn.bias, bn.running_mean):
+            t.copy_(torch.randn(5, generator=g))
+        bn.running_var.copy_(torch.rand(5, generator=g) + 0.1)
+    a = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    b = bn.bias.detach() - bn.running_mean * a
+    values = torch.randn(5, 40, generator=g)  # C×M
+    with torch.no_grad():
+        torch.testing.assert_close(affine_values(values, (a, b)), bn(values.T).T)

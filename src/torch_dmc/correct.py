@@ -41,6 +41,7 @@ from .sites import register_output_hooks
 from .sketch import gather_positions, sample_positions
 from .stats_io import ReferenceStats
 from .transport import (
+    affine_values,
     all_finite,
     apply_lut,
     empirical_quantiles,
@@ -477,8 +478,8 @@ class SyncGridTransport(GridTransport):
         """This slice matched to ``q_ref`` through the table of the whole batch's histogram
         (``affine``: of ``a·output + b``, as in `GridTransport.match`)."""
         values = self._values(output, axis, cache)
-        if affine is not None:  # multiply, then add: as BatchNorm's kernel computes its output
-            values = values * affine[0].unsqueeze(1) + affine[1].unsqueeze(1)
+        if affine is not None:
+            values = affine_values(values, affine)
         lut = lut_from_sample(values, q_ref, self._global_size(),
                               reduce=self.sync.histogram_reduce(self.batch))
         return output if output.numel() == 0 else self._apply(output, axis, lut, cache, affine)

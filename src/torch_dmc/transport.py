@@ -63,6 +63,7 @@ __all__ = [
     "lut_grid",
     "apply_lut",
     "grid_transport",
+    "affine_values",
     "LOOKUP_GROUPS",
 ]
 
@@ -307,16 +308,17 @@ def empirical_quantiles(x: Tensor, levels: int) -> Tensor:
         raise ValueError(f"levels must be at least 2 (both endpoints), found {levels}")
     v, _, _, n = _finite_sorted(x.float())
     t = torch.linspace(0, 1, levels, device=x.device)
-    if x.shape[1] > 0 and bool(n.min() == x.shape[1]):
-        # every row has all N values: the read positions are the same for every row, so compute
-        # them once (1×K, the same arithmetic as below) and read the rows with index_select
+    # every row has all N values: the read positions are the same for every row, so compute them
+    # once (1×K, the same arithmetic as below) and read the rows with index_select
+    shared = x.shape[0] > 1 and x.shape[1] > 0 and bool(n.min() == x.shape[1])
+    if shared:
         n = n[:1]
     top = (n - 1).clamp_min(0)
     pos = torch.minimum((t * n - 0.5).clamp_min(0), top)  # index of level t among the midpoints
     lo = torch.minimum(pos.floor().long(), (n - 2).clamp_min(0))
     hi = torch.minimum(lo + 1, top)
     frac = (pos - lo).clamp(0, 1)
-    if n.shape[0] == 1 < v.shape[0]:  # shared positions (above)
+    if shared:
         return torch.lerp(v.index_select(1, lo[0]), v.index_select(1, hi[0]), frac)
     q = torch.lerp(v.gather(1, lo), v.gather(1, hi), frac)
     return q if n.min() > 0 else q.masked_fill(n == 0, float("nan"))
@@ -736,6 +738,12 @@ def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
     return torch.where(torch.isfinite(x), out, through.to(out.dtype))
 
 
+def affine_values(values: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
+    """``a·values + b`` per row for ``C×M`` ``values`` and ``affine = (a, b)`` (each ``C``):
+    multiplied, then added, as BatchNorm's kernel computes its output from its input."""
+    return values * affine[0].unsqueeze(1) + affine[1].unsqueeze(1)
+
+
 def _float(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
@@ -765,8 +773,8 @@ def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_
         The mapped activation, shape and dtype of ``x``; non-finite values pass through.
     """
     v = _float(values)
-    if affine is not None:  # multiply, then add: as BatchNorm's kernel computes its output
-        v = v * _float(affine[0]).unsqueeze(1) + _float(affine[1]).unsqueeze(1)
+    if affine is not None:
+        v = affine_values(v, (_float(affine[0]), _float(affine[1])))
     if finite is None:
         finite = all_finite(x.detach())
     if not finite or v.shape[1] == 0:
