@@ -6,12 +6,12 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup data lint bench-full perf clean
+.PHONY: demo test setup native data lint bench-full perf clean
 
-demo: setup data
+demo: setup data native
 	$(VENV)/bin/dmc demo
 
-test: setup data
+test: setup data native
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 setup: $(VENV)/.installed
@@ -22,6 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e ".[all,test]"
 	touch $@
+
+# grid mode's compiled CPU kernels (src/torch_dmc/native.py), built now rather than by the first
+# test or job that needs them; quick when they are built already, and harmless where they cannot
+# be (a warning, and the PyTorch implementation runs: the same results)
+native: setup
+	$(PY) -c "from torch_dmc import native; native.build()"
 
 data:
 	@if [ ! -f "$(DATA_DIR)/train-images-idx3-ubyte.gz" ]; then \

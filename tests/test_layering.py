@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "torch_dmc"
-CORE = ["_version", "transport", "sketch", "sites", "stats_io", "options", "fit", "correct", "shift",
-        "_sync", "__init__"]
+CORE = ["_version", "native", "transport", "sketch", "sites", "stats_io", "options", "fit", "correct",
+        "shift", "_sync", "__init__"]
 OUTSIDE_CORE = {"bench", "cli", "methods", "data", "models", "__main__"}
 
 

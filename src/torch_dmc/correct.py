@@ -52,6 +52,7 @@ from .transport import (
     lut_from_quantiles,
     lut_from_sample,
     lut_grid,
+    needs_grid,
     transport_exact,
     transport_exact_columns,
     transport_quantiles,
@@ -345,10 +346,13 @@ class GridTransport:
     def _in_layout(output: Tensor, axis: int, cache: ShapeCache, lookup) -> Tensor:
         """``lookup(x, axis, grid)`` on the output in its own memory layout: a channels-last
         output as its NHWC view (no layout change, and the result stays channels-last)."""
+        def grid(x: Tensor, ax: int) -> Tensor | None:
+            return cache.grid(x.shape, ax, x.device) if needs_grid(x) else None
+
         if _is_channels_last(output, axis):
             view = output.permute(0, 2, 3, 1)
-            return lookup(view, 3, cache.grid(view.shape, 3, view.device)).permute(0, 3, 1, 2)
-        return lookup(output, axis, cache.grid(output.shape, axis, output.device))
+            return lookup(view, 3, grid(view, 3)).permute(0, 3, 1, 2)
+        return lookup(output, axis, grid(output, axis))
 
     def _apply(self, output: Tensor, axis: int, lut, cache: ShapeCache,
                affine: tuple[Tensor, Tensor] | None = None) -> Tensor:

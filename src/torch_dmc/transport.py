@@ -39,6 +39,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from .native import available_for, grid_site, histogram_counts, table_lookup
+
 __all__ = [
     "OUTLIER_LEVEL",
     "OUTLIER_MARGIN",
@@ -61,6 +63,7 @@ __all__ = [
     "lut_from_sample",
     "lut_from_quantiles",
     "lut_grid",
+    "needs_grid",
     "apply_lut",
     "grid_transport",
     "affine_values",
@@ -425,14 +428,18 @@ def _histogram(values: Tensor, finite: Tensor | None, count: Tensor | int, lo: T
     # an all-equal channel gets step 1; a subnormal step would make 1/step overflow
     step = step.masked_fill_(step == 0, 1.0).clamp_min_(torch.finfo(torch.float32).tiny)
     inv = step.reciprocal().unsqueeze(1)
-    cell = torch.addcmul(-lo.unsqueeze(1) * inv, values, inv).round_().clamp_(0, size - 1)
-    width = size if finite is None else size + 1  # non-finite values go to a discarded extra cell
-    if finite is not None:
-        cell = cell.masked_fill_(~finite, size)
-    # row offsets added in float: exact, every cell index is an integer below 2^24
-    offsets = torch.arange(0, c * width, width, device=values.device, dtype=torch.float32)
-    counts = torch.bincount(_flat(cell.add_(offsets.unsqueeze(1))).int(), minlength=c * width)
-    counts = counts.view(c, width)[:, :size]
+    shift = -lo.unsqueeze(1) * inv
+    if available_for(values):  # the same counts in one pass (non-finite values left out alike)
+        counts = histogram_counts(values, shift.squeeze(1), inv.squeeze(1), size)
+    else:
+        cell = torch.addcmul(shift, values, inv).round_().clamp_(0, size - 1)
+        width = size if finite is None else size + 1  # non-finite values: a discarded extra cell
+        if finite is not None:
+            cell = cell.masked_fill_(~finite, size)
+        # row offsets added in float: exact, every cell index is an integer below 2^24
+        offsets = torch.arange(0, c * width, width, device=values.device, dtype=torch.float32)
+        counts = torch.bincount(_flat(cell.add_(offsets.unsqueeze(1))).int(), minlength=c * width)
+        counts = counts.view(c, width)[:, :size]
     if reduce is not None:
         counts = reduce.sum(counts)
         count = counts.sum(dim=1)
@@ -688,14 +695,27 @@ def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = 
     Returns:
         The mapped activation, shape and dtype of ``x``; non-finite values pass through.
     """
-    return _lookup(x, lut, channel_axis, grid, affine, not all_finite(x.detach()))
+    return _lookup(x, lut, channel_axis, grid, affine, None)
+
+
+def _native_lookup(x: Tensor) -> bool:
+    """Whether `_lookup` runs the compiled kernel on ``x`` (`torch_dmc.native`: CPU float32,
+    contiguous), which needs neither a coordinate buffer nor a finiteness check."""
+    return x.is_contiguous() and available_for(x.detach())
+
+
+def needs_grid(x: Tensor) -> bool:
+    """Whether `apply_lut` on ``x`` reads a `lut_grid` coordinate buffer: not where the compiled
+    lookup of `torch_dmc.native` runs (CPU float32, contiguous), so keep none for it."""
+    return not _native_lookup(x)
 
 
 def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
-            affine: tuple[Tensor, Tensor] | None, nonfinite: bool,
+            affine: tuple[Tensor, Tensor] | None, nonfinite: bool | None,
             image: Tensor | None = None) -> Tensor:
-    """`apply_lut`, told whether ``x`` has a non-finite value; ``image``: the table already
-    padded to `_table_rows` rows (``lut.table`` its first ``C`` rows)."""
+    """`apply_lut`, told whether ``x`` has a non-finite value (``None``: not known, checked if
+    needed); ``image``: the table already padded to `_table_rows` rows (``lut.table`` its first
+    ``C`` rows)."""
     axis = channel_axis % x.dim()
     c, b = lut.table.shape
     if x.shape[axis] != c:
@@ -715,11 +735,16 @@ def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
     if affine is not None:
         a, offset = (_float(t) for t in affine)
         scale, shift = a * scale, torch.addcmul(shift, offset, scale)
-    if grid is None:
-        grid = lut_grid(x.shape, axis, x.device)
-    elif grid.shape != (2, *x.shape):
+    if grid is not None and grid.shape != (2, *x.shape):
         raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(2, *x.shape)}: "
                          "make it with lut_grid(x.shape, channel_axis)")
+    if _native_lookup(x):  # the same values in one pass, non-finite ones passed through alike
+        return table_lookup(x.detach(), table, scale, shift, axis,
+                            None if affine is None else (a, offset))
+    if nonfinite is None:
+        nonfinite = not all_finite(x.detach())
+    if grid is None:
+        grid = lut_grid(x.shape, axis, x.device)
     groups = math.gcd(n, LOOKUP_GROUPS)
     with torch.no_grad():
         coord = grid[0]
@@ -748,6 +773,25 @@ def _float(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def _site_kernel(x: Tensor, v: Tensor, q_ref: Tensor, size: int, channel_axis: int,
+                 affine: tuple[Tensor, Tensor] | None) -> Tensor | None:
+    """`grid_transport` in one compiled call (`torch_dmc.native.grid_site`: the same result) when
+    the inputs are well formed and the kernel runs on them; ``None`` otherwise, or when the
+    kernel declines (a sampled value not finite, or a knot range that may narrow)."""
+    if not -x.dim() <= channel_axis < x.dim():
+        return None
+    axis = channel_axis % x.dim()
+    c = x.shape[axis]
+    if not (v.dim() == 2 and v.shape[0] == c and v.shape[1] > 0 and q_ref.dim() == 2
+            and q_ref.shape[0] == c and q_ref.shape[1] >= 2 and 2 <= size < 2**22):
+        return None
+    q = _float(q_ref)
+    ab = () if affine is None else (_float(affine[0]), _float(affine[1]))
+    if any(t.shape != (c,) for t in ab) or not (_native_lookup(x) and available_for(v, q, *ab)):
+        return None
+    return grid_site(x.detach(), v, q, size, axis, ab or None, OUTLIER_LEVEL, OUTLIER_MARGIN)
+
+
 def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_axis: int = 1,
                    grid: Tensor | None = None, *, affine: tuple[Tensor, Tensor] | None = None,
                    finite: bool | None = None) -> Tensor:
@@ -773,19 +817,27 @@ def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_
         The mapped activation, shape and dtype of ``x``; non-finite values pass through.
     """
     v = _float(values)
+    if finite is not False:
+        out = _site_kernel(x, v, q_ref, size, channel_axis, affine)
+        if out is not None:
+            return out
     if affine is not None:
         v = affine_values(v, (_float(affine[0]), _float(affine[1])))
-    if finite is None:
-        finite = all_finite(x.detach())
-    if not finite or v.shape[1] == 0:
+    if finite is None and not _native_lookup(x):
+        finite = all_finite(x.detach())  # (the compiled lookup passes non-finite values itself)
+    if finite is False or v.shape[1] == 0:
         return _lookup(x, lut_from_sample(v, q_ref, size), channel_axis, grid, affine, True)
     if size < 2:
         raise ValueError(f"a lookup table needs at least 2 nodes, found {size}")
     _check_matrix(v, "values")
     c, k = q_ref.shape
-    # every value finite (one check): no masks, and the knot range refined only if it may narrow
-    lo, step, level = _finite_levels(v, v.amin(dim=1), v.amax(dim=1), size)
+    lo, hi = v.amin(dim=1), v.amax(dim=1)
+    if finite is None and not bool(torch.isfinite(hi - lo).all()):  # x unchecked, values not finite
+        return _lookup(x, lut_from_sample(v, q_ref, size), channel_axis, grid, affine, None)
+    # every value finite: no masks, and the knot range refined only if it may narrow
+    lo, step, level = _finite_levels(v, lo, hi, size)
     # Q_ref at the node levels (levels lie in [0, 1]), straight into the table image
     image = torch.empty(_table_rows(c), size, device=v.device)
     _lerp_at(_float(q_ref), level.mul_(k - 1), out=image[:c])
-    return _lookup(x, Lut(image[:c], lo, step), channel_axis, grid, affine, False, image)
+    return _lookup(x, Lut(image[:c], lo, step), channel_axis, grid, affine,
+                   None if finite is None else False, image)

@@ -1,0 +1,461 @@
+// torch-dmc's CPU kernels for grid mode (docs/method.md § Grid mode): the histogram of a site's
+// sampled values and the table lookup of every activation value, one pass each, instead of the
+// chains of PyTorch operators in src/torch_dmc/transport.py (`_histogram`, `_lookup`).
+//
+// Each kernel repeats the floating-point operations of the operators it replaces, in the same
+// order and without contraction into fused multiply-adds (built with -ffp-contract=off), so the
+// results are the same bit for bit: tests/test_native.py compares both on random and adversarial
+// inputs. Loaded by src/torch_dmc/native.py; CPU float32 only.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// 1.5 * 2^23: for 0 <= t < 2^22, (t + kRound) - kRound is t rounded to the nearest integer, ties
+// to even: what torch.round and grid_sample's nearest mode compute, without a library call.
+constexpr float kRound = 12582912.0f;
+
+inline float round_even(float t) { return (t + kRound) - kRound; }
+
+// x * y + z as torch.addcmul computes it on this machine: fused (one rounding) where its CPU
+// kernels use fused multiply-adds, else multiplied, then added. native.py finds out which.
+template <bool kFused>
+inline float mul_add(float x, float y, float z) {
+  if constexpr (kFused) {
+    return std::fma(x, y, z);
+  } else {
+    return z + x * y;
+  }
+}
+
+void check_float_cpu(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              name, " must be a float32 CPU tensor, found ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dimension(s), found ", t.dim());
+}
+
+constexpr int64_t kChunk = 1024;  // values whose cells are computed before they are counted
+
+// The cells of n values (0 for a non-finite one; `finite` says which are), vectorisable.
+template <bool kFused>
+inline void cells_of(const float* __restrict x, int64_t stride, int64_t n, float shift, float inv,
+                     float top, int32_t* __restrict cell, bool* __restrict finite) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j * stride];
+    finite[j] = std::fabs(v) <= std::numeric_limits<float>::max();
+    const float t = mul_add<kFused>(v, inv, shift);
+    // clamp, then round: the same as round, then clamp (the bounds are integers); a NaN goes
+    // to 0 (only possible for a non-finite v, not counted)
+    const float c = std::min(top, std::max(0.0f, t));
+    cell[j] = static_cast<int32_t>(round_even(c));
+  }
+}
+
+// Counts one row's values into its cells (`cells_of`); non-finite values are not counted.
+// part: scratch of 4 * size int32, four interleaved partial counts, so that runs of equal cells
+// do not wait on each other's stores. cnt: size int64, overwritten.
+template <bool kFused>
+void count_row(const float* v, int64_t stride, int64_t m, float shift, float inv, int64_t size,
+               int32_t* part, int64_t* cnt) {
+  const float top = static_cast<float>(size - 1);
+  int32_t cell[kChunk];
+  bool finite[kChunk];
+  std::fill(part, part + 4 * size, 0);
+  for (int64_t start = 0; start < m; start += kChunk) {
+    const int64_t n = std::min(kChunk, m - start);
+    cells_of<kFused>(v + start * stride, stride, n, shift, inv, top, cell, finite);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+      part[cell[j]] += finite[j];
+      part[size + cell[j + 1]] += finite[j + 1];
+      part[2 * size + cell[j + 2]] += finite[j + 2];
+      part[3 * size + cell[j + 3]] += finite[j + 3];
+    }
+    for (; j < n; ++j) part[cell[j]] += finite[j];
+  }
+  for (int64_t k = 0; k < size; ++k)
+    cnt[k] = static_cast<int64_t>(part[k]) + part[size + k] + part[2 * size + k] + part[3 * size + k];
+}
+
+template <bool kFused>
+void count_cells(const float* v, int64_t s0, int64_t s1, int64_t rows, int64_t m, const float* shp,
+                 const float* ivp, int64_t size, int64_t* out) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> part(4 * size);
+    for (int64_t r = begin; r < end; ++r)
+      count_row<kFused>(v + r * s0, s1, m, shp[r], ivp[r], size, part.data(), out + r * size);
+  });
+}
+
+// Cell counts of `transport._histogram`'s finite path: value v of row r falls in cell
+// round(clamp(shift[r] + v * inv[r], 0, size - 1)) (torch.addcmul, round_, clamp_); non-finite
+// values are left out. values: C x M (any strides); shift, inv: C; fused: as `mul_add`.
+// Returns C x size int64.
+at::Tensor histogram(const at::Tensor& values, const at::Tensor& shift, const at::Tensor& inv,
+                     int64_t size, bool fused) {
+  check_float_cpu(values, "values", 2);
+  check_float_cpu(shift, "shift", 1);
+  check_float_cpu(inv, "inv", 1);
+  const int64_t rows = values.size(0), m = values.size(1);
+  TORCH_CHECK(shift.size(0) == rows && inv.size(0) == rows, "shift and inv need ", rows, " entries");
+  TORCH_CHECK(size >= 2 && size < (1 << 22), "size must be in [2, 2^22), found ", size);
+  auto counts = at::zeros({rows, size}, values.options().dtype(at::kLong));
+  const auto sh = shift.contiguous(), iv = inv.contiguous();
+  const float* v = values.data_ptr<float>();
+  const float* shp = sh.data_ptr<float>();
+  const float* ivp = iv.data_ptr<float>();
+  int64_t* out = counts.data_ptr<int64_t>();
+  if (fused) {
+    count_cells<true>(v, values.stride(0), values.stride(1), rows, m, shp, ivp, size, out);
+  } else {
+    count_cells<false>(v, values.stride(0), values.stride(1), rows, m, shp, ivp, size, out);
+  }
+  return counts;
+}
+
+// One value's lookup: its table entry (table row `row`) if finite, else `through`.
+template <bool kFused>
+inline float look_up_one(float v, float scale, float shift, const float* row, float top,
+                         float half, float through) {
+  const float g = mul_add<kFused>(v, scale, shift);
+  const float u = (g + 1.0f) * half;
+  const float k = std::min(top, std::max(0.0f, u));  // a NaN goes to 0, as in grid_sample
+  const float y = row[static_cast<int32_t>(round_even(k))];
+  return std::fabs(v) <= std::numeric_limits<float>::max() ? y : through;
+}
+
+// `look_up_one` of n values x[i] of the channels ch[i] = c0 + (kPerValue ? i : 0): scale, shift,
+// a, b and the table rows are read at ch[i]; eight at a time where AVX2 is compiled in, with the
+// same operations (so the same result) as `look_up_one`.
+template <bool kFused, bool kAffine, bool kPerValue>
+inline void look_up_span(const float* __restrict x, float* __restrict y, int64_t n, int64_t c0,
+                         const float* scp, const float* shp, const float* ap, const float* bp,
+                         const float* tab, int64_t row_stride, float top, float half) {
+  int64_t i = 0;
+#ifdef __AVX2__
+  const __m256 vtop = _mm256_set1_ps(top), vhalf = _mm256_set1_ps(half);
+  const __m256 vone = _mm256_set1_ps(1.0f), vround = _mm256_set1_ps(kRound);
+  const __m256 vzero = _mm256_setzero_ps();
+  const __m256 vmax = _mm256_set1_ps(std::numeric_limits<float>::max());
+  const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i vstride = _mm256_set1_epi32(static_cast<int32_t>(row_stride));
+  __m256 vs = _mm256_set1_ps(scp[c0]), vsh = _mm256_set1_ps(shp[c0]);
+  __m256 va = _mm256_set1_ps(kAffine ? ap[c0] : 1.0f), vb = _mm256_set1_ps(kAffine ? bp[c0] : 0.0f);
+  const float* base = tab + c0 * row_stride;
+  for (; i + 8 <= n; i += 8) {
+    __m256i rows = _mm256_setzero_si256();
+    if constexpr (kPerValue) {
+      vs = _mm256_loadu_ps(scp + c0 + i);
+      vsh = _mm256_loadu_ps(shp + c0 + i);
+      if constexpr (kAffine) {
+        va = _mm256_loadu_ps(ap + c0 + i);
+        vb = _mm256_loadu_ps(bp + c0 + i);
+      }
+      rows = _mm256_mullo_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(i))), vstride);
+    }
+    const __m256 v = _mm256_loadu_ps(x + i);
+    __m256 g;
+    if constexpr (kFused) {
+      g = _mm256_fmadd_ps(v, vs, vsh);
+    } else {
+      g = _mm256_add_ps(vsh, _mm256_mul_ps(v, vs));
+    }
+    const __m256 u = _mm256_mul_ps(_mm256_add_ps(g, vone), vhalf);
+    // max(u, 0) returns 0 for a NaN u (the second operand), then min with the last node
+    const __m256 k = _mm256_min_ps(vtop, _mm256_max_ps(u, vzero));
+    const __m256 node = _mm256_sub_ps(_mm256_add_ps(k, vround), vround);
+    const __m256i index = _mm256_add_epi32(rows, _mm256_cvttps_epi32(node));
+    const __m256 out = _mm256_i32gather_ps(base, index, 4);
+    const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(v, vabs), vmax, _CMP_LE_OQ);
+    const __m256 through = kAffine ? _mm256_add_ps(_mm256_mul_ps(v, va), vb) : v;
+    _mm256_storeu_ps(y + i, _mm256_blendv_ps(through, out, finite));
+  }
+#endif
+  for (; i < n; ++i) {
+    const int64_t c = c0 + (kPerValue ? i : 0);
+    const float through = kAffine ? x[i] * ap[c] + bp[c] : x[i];
+    y[i] = look_up_one<kFused>(x[i], scp[c], shp[c], tab + c * row_stride, top, half, through);
+  }
+}
+
+template <bool kFused, bool kAffine>
+void look_up(const float* xp, const float* tab, int64_t row_stride, const float* scp,
+             const float* shp, const float* ap, const float* bp, int64_t outer, int64_t channels,
+             int64_t inner, int64_t nodes, float* op) {
+  const float top = static_cast<float>(nodes - 1);
+  const float half = top / 2;
+  constexpr int64_t grain = 16384;
+  if (inner == 1) {  // channels last: rows of C values
+    at::parallel_for(0, outer, std::max<int64_t>(1, grain / channels), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o)
+        look_up_span<kFused, kAffine, true>(xp + o * channels, op + o * channels, channels, 0,
+                                            scp, shp, ap, bp, tab, row_stride, top, half);
+    });
+  } else {  // blocks of `inner` values of one channel
+    at::parallel_for(0, outer * channels, std::max<int64_t>(1, grain / inner), [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk)
+        look_up_span<kFused, kAffine, false>(xp + blk * inner, op + blk * inner, inner, blk % channels,
+                                             scp, shp, ap, bp, tab, row_stride, top, half);
+    });
+  }
+}
+
+// `transport._lookup` of a float32 activation: value v of channel c becomes
+// image[c, round(clamp(((shift[c] + v * scale[c]) + 1) * ((B - 1) / 2), 0, B - 1))]
+// (torch.addcmul, then grid_sample's nearest mode with border padding and align_corners), and a
+// non-finite v passes through (as v * a[c] + b[c] when a, b are given); fused: as `mul_add`.
+// x: contiguous, channels on `axis`; image: at least C x B, contiguous; scale, shift: C.
+at::Tensor lookup(const at::Tensor& x, const at::Tensor& image, const at::Tensor& scale,
+                  const at::Tensor& shift, int64_t axis, const c10::optional<at::Tensor>& a,
+                  const c10::optional<at::Tensor>& b, bool fused) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 CPU tensor");
+  check_float_cpu(image, "image", 2);
+  check_float_cpu(scale, "scale", 1);
+  check_float_cpu(shift, "shift", 1);
+  TORCH_CHECK(axis >= 0 && axis < x.dim(), "axis ", axis, " out of range for ", x.dim(), " dims");
+  TORCH_CHECK(a.has_value() == b.has_value(), "a and b go together");
+  const int64_t channels = x.size(axis);
+  TORCH_CHECK(image.size(0) >= channels && scale.size(0) == channels && shift.size(0) == channels,
+              "image, scale and shift need ", channels, " rows");
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
+  for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
+  const int64_t nodes = image.size(1);
+  TORCH_CHECK(nodes >= 2 && nodes < (1 << 22), "the table needs [2, 2^22) nodes, found ", nodes);
+  auto out = at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return out;
+  const auto img = image.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
+  at::Tensor ta, tb;
+  if (a.has_value()) {
+    check_float_cpu(*a, "a", 1);
+    check_float_cpu(*b, "b", 1);
+    ta = a->contiguous();
+    tb = b->contiguous();
+  }
+  const float* xp = x.data_ptr<float>();
+  const float* tab = img.data_ptr<float>();
+  const float* scp = sc.data_ptr<float>();
+  const float* shp = sh.data_ptr<float>();
+  const float* ap = a.has_value() ? ta.data_ptr<float>() : nullptr;
+  const float* bp = a.has_value() ? tb.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t rs = img.stride(0);
+  if (fused && ap != nullptr) {
+    look_up<true, true>(xp, tab, rs, scp, shp, ap, bp, outer, channels, inner, nodes, op);
+  } else if (fused) {
+    look_up<true, false>(xp, tab, rs, scp, shp, ap, bp, outer, channels, inner, nodes, op);
+  } else if (ap != nullptr) {
+    look_up<false, true>(xp, tab, rs, scp, shp, ap, bp, outer, channels, inner, nodes, op);
+  } else {
+    look_up<false, false>(xp, tab, rs, scp, shp, ap, bp, outer, channels, inner, nodes, op);
+  }
+  return out;
+}
+
+// ---- a whole grid-mode site: `transport.grid_transport` when every sampled value is finite ----
+
+// torch.lerp(a, b, w) for 0 <= w <= 1, as its CPU kernel computes it.
+template <bool kFused>
+inline float lerp(float a, float b, float w) {
+  const float d = b - a;
+  if (std::fabs(w) < 0.5f) return mul_add<kFused>(w, d, a);
+  return kFused ? std::fma(w - 1.0f, d, b) : b - d * (1.0f - w);
+}
+
+// First index of the non-decreasing levels[0:n] at or above t (torch.searchsorted, left side).
+inline int64_t search_left(const float* levels, int64_t n, float t) {
+  return std::lower_bound(levels, levels + n, t) - levels;
+}
+
+// What one row of the sample gives: its knots, node levels and central span in nodes.
+struct RowKnots {
+  float lo = 0, step = 1;
+  int64_t span = 0;  // j(1 - p) - j(p), both clamped to [1, size - 1] (`transport._surely_wide`)
+  bool finite = true;
+};
+
+// `transport._finite_levels`' histogram of one row (values v, or a * v + b with `affine`):
+// range, knots, node levels (into `level`, size floats) and the central span. Sets finite =
+// false, and stops, when a value or the range is not finite (`grid_transport` then takes its
+// general path).
+template <bool kFused>
+RowKnots row_knots(const float* v, int64_t stride, int64_t m, const float* affine_ab,
+                   int64_t size, float p_low, float p_high, std::vector<float>& scratch,
+                   std::vector<int32_t>& part, std::vector<int64_t>& counts, float* level) {
+  RowKnots k;
+  if (affine_ab != nullptr) {  // transport.affine_values: multiplied, then added
+    scratch.resize(m);
+    for (int64_t j = 0; j < m; ++j) scratch[j] = v[j * stride] * affine_ab[0] + affine_ab[1];
+    v = scratch.data();
+    stride = 1;
+  }
+  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+  bool finite = true;
+  for (int64_t j = 0; j < m; ++j) {
+    const float x = v[j * stride];
+    finite &= std::fabs(x) <= std::numeric_limits<float>::max();
+    lo = std::min(lo, x);
+    hi = std::max(hi, x);
+  }
+  if (!finite || !(std::fabs(hi - lo) <= std::numeric_limits<float>::max())) {
+    k.finite = false;
+    return k;
+  }
+  // transport._histogram: step, then (masked_fill, clamp_min) for equal values and subnormals
+  float step = (hi - lo) / static_cast<float>(size - 1);
+  if (step == 0.0f) step = 1.0f;
+  step = std::max(step, std::numeric_limits<float>::min());
+  const float inv = 1.0f / step;
+  const float shift = -lo * inv;
+  counts.resize(size);
+  count_row<kFused>(v, stride, m, shift, inv, size, part.data(), counts.data());
+  // level = (cumsum(counts) - counts / 2) / M: cumsum accumulates exactly (in double) and
+  // rounds each partial sum to float32, as does this integer sum
+  const float total = static_cast<float>(m);
+  int64_t cum = 0;
+  for (int64_t j = 0; j < size; ++j) {
+    cum += counts[j];
+    level[j] = (static_cast<float>(cum) - 0.5f * static_cast<float>(counts[j])) / total;
+  }
+  auto clamp_node = [&](int64_t j) { return std::min<int64_t>(std::max<int64_t>(j, 1), size - 1); };
+  k.lo = lo;
+  k.step = step;
+  k.span = clamp_node(search_left(level, size, p_high)) - clamp_node(search_left(level, size, p_low));
+  return k;
+}
+
+// Q_ref at one row's node levels (transport._lerp_at(q_ref, level * (K - 1))), in place.
+template <bool kFused>
+void table_row(float* level, int64_t size, const float* q, int64_t k) {
+  const float last = static_cast<float>(k - 2);
+  const float scale = static_cast<float>(k - 1);
+  for (int64_t j = 0; j < size; ++j) {
+    const float pos = level[j] * scale;
+    const float node = std::min(std::floor(pos), last);
+    const int64_t i = static_cast<int64_t>(node);
+    level[j] = lerp<kFused>(q[i], q[i + 1], pos - node);
+  }
+}
+
+template <bool kFused>
+std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
+                                  const at::Tensor& q_ref, int64_t size, int64_t axis,
+                                  const float* ap, const float* bp, double outlier_level,
+                                  double outlier_margin) {
+  const int64_t channels = values.size(0), m = values.size(1), k = q_ref.size(1);
+  const float* v = values.data_ptr<float>();
+  const int64_t s0 = values.stride(0), s1 = values.stride(1);
+  const float p_low = static_cast<float>(outlier_level);
+  const float p_high = static_cast<float>(1.0 - outlier_level);
+  std::vector<RowKnots> knots(channels);
+  std::vector<float> table(channels * size);
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    std::vector<int32_t> part(4 * size);
+    std::vector<int64_t> counts;
+    for (int64_t r = begin; r < end; ++r) {
+      const float ab[2] = {ap == nullptr ? 1.0f : ap[r], bp == nullptr ? 0.0f : bp[r]};
+      knots[r] = row_knots<kFused>(v + r * s0, s1, m, ap == nullptr ? nullptr : ab, size, p_low,
+                                   p_high, scratch, part, counts, table.data() + r * size);
+    }
+  });
+  // transport._surely_wide: no row's knot range could narrow, else the general path refines it
+  int64_t span = std::numeric_limits<int64_t>::max();
+  for (const auto& row : knots) {
+    if (!row.finite) return {at::Tensor(), false};
+    span = std::min(span, row.span);
+  }
+  const double d = static_cast<double>(std::max<int64_t>(span - 1, 0));
+  if (!(2 * ((1 + outlier_margin) * d + 1) >= 1.01 * static_cast<double>(size - 1)))
+    return {at::Tensor(), false};
+  const auto q = q_ref.contiguous();
+  const float* qp = q.data_ptr<float>();
+  std::vector<float> scale(channels), shift(channels);
+  for (int64_t r = 0; r < channels; ++r) {
+    table_row<kFused>(table.data() + r * size, size, qp + r * k, k);
+    // transport._lookup's grid coordinate: 2 / ((B - 1) * step) as reciprocal, then times 2
+    const float sc = 2.0f * (1.0f / (static_cast<float>(size - 1) * knots[r].step));
+    const float sh = -knots[r].lo * sc - 1.0f;
+    scale[r] = ap == nullptr ? sc : ap[r] * sc;
+    shift[r] = ap == nullptr ? sh : mul_add<kFused>(bp[r], sc, sh);
+  }
+  int64_t outer = 1, inner = 1;
+  for (int64_t dim = 0; dim < axis; ++dim) outer *= x.size(dim);
+  for (int64_t dim = axis + 1; dim < x.dim(); ++dim) inner *= x.size(dim);
+  auto out = at::empty(x.sizes(), x.options());
+  if (ap == nullptr) {
+    look_up<kFused, false>(x.data_ptr<float>(), table.data(), size, scale.data(), shift.data(),
+                           nullptr, nullptr, outer, channels, inner, size, out.data_ptr<float>());
+  } else {
+    look_up<kFused, true>(x.data_ptr<float>(), table.data(), size, scale.data(), shift.data(), ap,
+                          bp, outer, channels, inner, size, out.data_ptr<float>());
+  }
+  return {out, true};
+}
+
+// `transport.grid_transport(x, values, q_ref, size, axis, affine=(a, b))` in one call, for the
+// case its fast path takes: every sampled value (after the affine map) finite and the knot range
+// surely wide (no refinement). Returns (output, true); or (undefined, false) when the case does
+// not apply, and the caller takes the general path. x: contiguous, C channels on `axis` (its
+// non-finite values pass through); values: C x M, M >= 1 (any strides); q_ref: C x K, K >= 2;
+// a, b: C or absent; outlier_level, outlier_margin: transport.OUTLIER_LEVEL, OUTLIER_MARGIN.
+std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& values,
+                                       const at::Tensor& q_ref, int64_t size, int64_t axis,
+                                       const c10::optional<at::Tensor>& a,
+                                       const c10::optional<at::Tensor>& b, double outlier_level,
+                                       double outlier_margin, bool fused) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 CPU tensor");
+  check_float_cpu(values, "values", 2);
+  check_float_cpu(q_ref, "q_ref", 2);
+  TORCH_CHECK(axis >= 0 && axis < x.dim(), "axis ", axis, " out of range for ", x.dim(), " dims");
+  const int64_t channels = values.size(0);
+  TORCH_CHECK(x.size(axis) == channels && q_ref.size(0) == channels, "x, values and q_ref need ",
+              channels, " channels");
+  TORCH_CHECK(values.size(1) >= 1 && q_ref.size(1) >= 2, "values need a column, q_ref two");
+  TORCH_CHECK(size >= 2 && size < (1 << 22), "size must be in [2, 2^22), found ", size);
+  TORCH_CHECK(a.has_value() == b.has_value(), "a and b go together");
+  at::Tensor ta, tb;
+  if (a.has_value()) {
+    check_float_cpu(*a, "a", 1);
+    check_float_cpu(*b, "b", 1);
+    TORCH_CHECK(a->size(0) == channels && b->size(0) == channels, "a and b need ", channels, " entries");
+    ta = a->contiguous();
+    tb = b->contiguous();
+  }
+  const float* ap = a.has_value() ? ta.data_ptr<float>() : nullptr;
+  const float* bp = a.has_value() ? tb.data_ptr<float>() : nullptr;
+  if (x.numel() == 0) return {at::empty(x.sizes(), x.options()), true};
+  return fused ? site<true>(x, values, q_ref, size, axis, ap, bp, outlier_level, outlier_margin)
+               : site<false>(x, values, q_ref, size, axis, ap, bp, outlier_level, outlier_margin);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torch_dmc, m) {
+  m.def("histogram(Tensor values, Tensor shift, Tensor inv, int size, bool fused) -> Tensor");
+  m.def("grid_site(Tensor x, Tensor values, Tensor q_ref, int size, int axis, Tensor? a, Tensor? b, "
+        "float outlier_level, float outlier_margin, bool fused) -> (Tensor, bool)");
+  m.def("lookup(Tensor x, Tensor image, Tensor scale, Tensor shift, int axis, Tensor? a, Tensor? b, bool fused) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torch_dmc, CPU, m) {
+  m.impl("histogram", &histogram);
+  m.impl("lookup", &lookup);
+  m.impl("grid_site", &grid_site);
+}

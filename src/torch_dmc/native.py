@@ -1,0 +1,194 @@
+"""torch-dmc's compiled CPU kernels for grid mode: optional, the same results, faster.
+
+Grid mode (docs/method.md § Grid mode) spends most of a site's time in two steps: the histogram
+of the sampled values and the table lookup of every activation value. As chains of PyTorch
+operators they read and write the data several times and go through the dispatcher a dozen
+times per site; ``src/torch_dmc/_native/kernels.cpp`` does each in one pass. The kernels repeat
+the floating-point operations of the operators they replace, in the same order, so the outputs
+are the same bit for bit (``tests/test_native.py``): whether they are in use changes the speed,
+never a number.
+
+They are compiled on first use (``torch.utils.cpp_extension``: a C++ compiler and ``ninja``;
+about 15 s, once per machine, cached under ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) and used for CPU float32 tensors. Where the build fails, a
+warning says why and the PyTorch implementation runs. ``TORCH_DMC_NATIVE=0`` turns them off
+(no build is tried). docs/protocol.md § Speed and memory has what they buy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ENV = "TORCH_DMC_NATIVE"
+"""Environment variable: ``0`` turns the compiled kernels off."""
+
+SOURCE = Path(__file__).with_name("_native") / "kernels.cpp"
+
+_state: dict = {"tried": False, "ops": None, "fused": False, "forced_off": 0}
+
+
+def _fused_multiply_add() -> bool | None:
+    """Whether ``torch.addcmul`` rounds ``z + x·y`` once (a fused multiply-add) on this machine,
+    both in its vectorised body and its scalar tail; ``None`` when they disagree (the kernels
+    could not repeat it, so they are not used)."""
+    x = torch.full((67,), 1 + 2**-12)  # x·x = 1 + 2^-11 + 2^-24: float32 drops the 2^-24
+    z = torch.full((67,), -(1 + 2**-11))
+    got = torch.addcmul(z, x, x)
+    fused = got == 2**-24
+    if bool(fused.all()):
+        return True
+    if bool((got == 0).all()):
+        return False
+    return None
+
+
+def _build():
+    """Compile (unless already compiled) and load the kernels; their ``torch.ops`` namespace."""
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    if capability in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    key = SOURCE.read_bytes() + " ".join([torch.__version__, sys.version, *flags]).encode()
+    name = f"torch_dmc_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
+    directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
+    directory.mkdir(parents=True, exist_ok=True)
+    if not (directory / f"{name}.so").exists():
+        print(f"torch-dmc: compiling its CPU kernels into {directory} (once, about 15 s)",
+              file=sys.stderr, flush=True)
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # the PyPI build of ninja: its binary, wherever the environment is not active
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + path
+    except ImportError:
+        pass
+    try:
+        load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             build_directory=str(directory), is_python_module=False, verbose=False)
+    finally:
+        os.environ["PATH"] = path
+    return torch.ops.torch_dmc
+
+
+def kernels():
+    """The kernels' ``torch.ops`` namespace (built on the first call), or ``None``: turned off
+    (`ENV`, `disabled`), or the build failed (warned once)."""
+    if _state["forced_off"] or os.environ.get(ENV, "1") == "0":
+        return None
+    if not _state["tried"]:
+        _state["tried"] = True
+        fused = _fused_multiply_add()
+        if fused is None:
+            warnings.warn("torch-dmc: torch.addcmul rounds differently in its vectorised and scalar "
+                          "code on this machine, so the compiled kernels could not repeat it; grid "
+                          "mode uses its PyTorch implementation (the same results, slower)",
+                          RuntimeWarning, stacklevel=2)
+            return None
+        try:
+            _state["ops"] = _build()
+            _state["fused"] = fused
+        except Exception as error:  # noqa: BLE001 (any build failure: fall back, and say why)
+            warnings.warn(f"torch-dmc: could not build its CPU kernels ({type(error).__name__}: "
+                          f"{str(error).strip()[-500:]}); grid mode uses its PyTorch implementation "
+                          f"(the same results, slower). Set {ENV}=0 to skip the build.",
+                          RuntimeWarning, stacklevel=2)
+    return _state["ops"]
+
+
+def build() -> bool:
+    """Build the kernels now (``make setup`` does, so that no test or job pays for it) and say
+    on stdout whether they are in use; ``True`` if they are."""
+    ready = kernels() is not None
+    print("torch-dmc CPU kernels:", "ready" if ready else "not in use (the PyTorch implementation runs)")
+    return ready
+
+
+def available_for(*tensors: Tensor) -> bool:
+    """Whether the kernels are loaded (building them if needed) and take these tensors: CPU
+    float32, none requiring a gradient."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
+               for t in tensors):
+        return False
+    return kernels() is not None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block the PyTorch implementation runs (for tests and side-by-side timings)."""
+    _state["forced_off"] += 1
+    try:
+        yield
+    finally:
+        _state["forced_off"] -= 1
+
+
+def histogram_counts(values: Tensor, shift: Tensor, inv: Tensor, size: int) -> Tensor:
+    """Per-row cell counts: value ``v`` of row ``r`` counts in cell
+    ``round(clamp(shift[r] + v·inv[r], 0, size - 1))``; non-finite values are not counted.
+
+    Args:
+        values: ``C×M`` float32 (any strides).
+        shift, inv: ``C`` float32.
+        size: cells per row, ``2 <= size < 2^22``.
+
+    Returns:
+        ``C×size`` int64 counts.
+    """
+    return kernels().histogram(values, shift.contiguous(), inv.contiguous(), size, _state["fused"])
+
+
+def table_lookup(x: Tensor, image: Tensor, scale: Tensor, shift: Tensor, axis: int,
+           affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Nearest-node table lookup of a contiguous activation: value ``v`` of channel ``c`` becomes
+    ``image[c, j]`` with ``j`` its node ``round(clamp((shift[c] + v·scale[c] + 1)·(B - 1)/2, 0,
+    B - 1))`` (``grid_sample``'s nearest mode, border padding, aligned corners); a non-finite
+    ``v`` passes through (as ``a[c]·v + b[c]`` with ``affine = (a, b)``).
+
+    Args:
+        x: contiguous float32 activation, ``C`` channels on ``axis``.
+        image: ``R×B`` float32 table, ``R >= C`` (rows past ``C`` unread).
+        scale, shift: ``C`` float32.
+        axis: the channel axis, ``0 <= axis < x.dim()``.
+        affine: optional ``(a, b)``, each ``C`` float32.
+
+    Returns:
+        A new tensor of ``x``'s shape.
+    """
+    a, b = (None, None) if affine is None else (affine[0].contiguous(), affine[1].contiguous())
+    return kernels().lookup(x, image, scale.contiguous(), shift.contiguous(), axis, a, b,
+                            _state["fused"])
+
+
+def grid_site(x: Tensor, values: Tensor, q_ref: Tensor, size: int, axis: int,
+              affine: tuple[Tensor, Tensor] | None, outlier_level: float,
+              outlier_margin: float) -> Tensor | None:
+    """A whole grid-mode site in one call: `torch_dmc.transport.grid_transport`'s result where
+    every sampled value (after ``affine``) is finite and no knot range can narrow; ``None``
+    where either fails (the caller then takes the general path).
+
+    Args:
+        x: contiguous float32 activation, ``C`` channels on ``axis``.
+        values: ``C×M`` float32 sampled values, ``M >= 1``.
+        q_ref: ``C×K`` float32 reference quantile table, ``K >= 2``.
+        size: nodes per channel, ``2 <= size < 2^22``.
+        axis: the channel axis, ``0 <= axis < x.dim()``.
+        affine: optional ``(a, b)``, each ``C`` float32: map ``a·x + b``.
+        outlier_level, outlier_margin: `torch_dmc.transport.OUTLIER_LEVEL`, `OUTLIER_MARGIN`.
+
+    Returns:
+        A new tensor of ``x``'s shape, or ``None``.
+    """
+    a, b = (None, None) if affine is None else affine
+    out, done = kernels().grid_site(x, values, q_ref, size, axis, a, b, outlier_level,
+                                    outlier_margin, _state["fused"])
+    return out if done else None

@@ -1,0 +1,248 @@
+"""The compiled CPU kernels (`torch_dmc.native`) give the PyTorch implementation's results bit for bit.
+
+Every test runs the same call twice, with the kernels and inside `native.disabled()`, and compares
+the bits (NaN positions alike): ties on cell boundaries, non-finite values, outliers that make the
+site kernel decline, every layout the lookup reads, BatchNorm's affine map, a whole model. Then
+what happens where the kernels cannot be built or are turned off.
+"""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from torch_dmc import DMC, fit, native, transport
+from torch_dmc.transport import Lut, apply_lut, grid_transport, histogram_levels, lut_from_sample
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    """The kernels must build wherever a C++ compiler is installed (as on CI)."""
+    if native.kernels() is None:
+        if shutil.which("c++") is None and shutil.which("g++") is None:
+            pytest.skip("no C++ compiler: the kernels cannot be built here")
+        pytest.fail("a C++ compiler is installed, but torch-dmc's kernels did not build (see the warning)")
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    nan = a.isnan()
+    assert torch.equal(nan, b.isnan())
+    bits = torch.int32 if a.dtype == torch.float32 else torch.int64
+    assert torch.equal(a.masked_fill(nan, 0).view(bits), b.masked_fill(nan, 0).view(bits))
+
+
+def both(f):
+    """``f()`` with the kernels and without, compared bit for bit; the kernels' result."""
+    fast = f()
+    with native.disabled():
+        slow = f()
+    for a, b in zip(fast if isinstance(fast, tuple) else (fast,),
+                    slow if isinstance(slow, tuple) else (slow,), strict=True):
+        same_bits(a, b)
+    return fast
+
+
+def messy(generator: torch.Generator, shape, *, ties: bool, nonfinite: bool, outliers: bool):
+    """Values with the hard cases on demand: many exact ties (a coarse grid of values), a few
+    non-finite values, a few huge outliers."""
+    x = torch.randn(shape, generator=generator) * 3 + 1
+    if ties:
+        x = torch.round(x * 4) / 4
+    flat = x.view(-1)
+    n = flat.numel()
+    if outliers and n > 4:
+        idx = torch.randint(0, n, (max(1, n // 100),), generator=generator)
+        flat[idx] = flat[idx] * 1e4
+    if nonfinite and n > 2:
+        idx = torch.randint(0, n, (3,), generator=generator)
+        flat[idx] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    return x
+
+
+cases = st.tuples(st.integers(0, 2**31 - 1), st.booleans(), st.booleans(), st.booleans())
+
+
+@settings(max_examples=40)
+@given(cases, st.integers(1, 6), st.integers(1, 400), st.integers(2, 300), st.booleans())
+def test_histogram_levels_are_the_same(case, c, m, size, transposed):
+    seed, ties, nonfinite, outliers = case
+    g = torch.Generator().manual_seed(seed)
+    values = messy(g, (c, m), ties=ties, nonfinite=nonfinite, outliers=outliers)
+    if transposed:  # rows not contiguous
+        values = values.T.contiguous().T
+    both(lambda: histogram_levels(values, size))
+
+
+def test_values_on_cell_boundaries_round_half_to_even():
+    # every value on a midpoint between two nodes: the rounding decides each cell
+    lo, step, size = 0.0, 0.25, 9
+    values = (lo + (torch.arange(size - 1) + 0.5) * step).repeat(3, 5)
+    levels = both(lambda: histogram_levels(values, size, robust=False))[2]
+    assert torch.equal(levels[0], levels[1])
+    table = torch.linspace(-1, 1, size).repeat(3, 1)
+    lut = Lut(table, torch.zeros(3), torch.full((3,), step))
+    both(lambda: apply_lut(values, lut, 0))
+
+
+LAYOUTS = {  # shape, channel axis, and whether the tensor is a channels-last view
+    "NCHW": ((4, 5, 6, 7), 1, False),
+    "NHWC view of channels_last": ((4, 5, 6, 7), 3, True),
+    "NTC": ((3, 11, 5), -1, False),
+    "C×M": ((5, 50), 0, False),
+    "M×C": ((50, 5), 1, False),
+    "one channel": ((2, 1, 3, 3), 1, False),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("affine", [False, True])
+def test_lookup_is_the_same_in_every_layout(layout, affine):
+    shape, axis, channels_last = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(1)
+    x = messy(g, shape, ties=True, nonfinite=True, outliers=False)
+    if channels_last:  # what grid mode hands the lookup for a channels-last activation
+        x = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        assert x.is_contiguous()
+    c = x.shape[axis]
+    values = x.movedim(axis, 0).reshape(c, -1)
+    lut = lut_from_sample(values, torch.randn(c, 33).sort(dim=1).values, 64)
+    ab = (torch.randn(c, generator=g), torch.randn(c, generator=g)) if affine else None
+    if ab is not None:
+        ab[0][0] = 0.0  # a zero scale: every finite value at one node
+    both(lambda: apply_lut(x, lut, axis, affine=ab))
+
+
+@settings(max_examples=40)
+@given(cases, st.integers(1, 5), st.integers(2, 200), st.sampled_from([None, True]),
+       st.booleans(), st.booleans())
+def test_grid_transport_is_the_same(case, c, size, finite, affine, sample):
+    seed, ties, nonfinite, outliers = case
+    g = torch.Generator().manual_seed(seed)
+    x = messy(g, (3, c, 5, 4), ties=ties, nonfinite=nonfinite and finite is None, outliers=outliers)
+    values = x.movedim(1, 0).reshape(c, -1)
+    if sample:
+        values = values[:, torch.randperm(values.shape[1], generator=g)[:30]]
+    q_ref = torch.randn(c, 17, generator=g).sort(dim=1).values
+    ab = (torch.randn(c, generator=g), torch.randn(c, generator=g)) if affine else None
+    both(lambda: grid_transport(x, values, q_ref, size, 1, affine=ab, finite=finite))
+
+
+def test_site_kernel_runs_on_plain_sites_and_declines_outliers(monkeypatch):
+    calls = []
+
+    def counting(*args):
+        out = native.grid_site(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(transport, "grid_site", counting)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 10, 10, generator=g)
+    q_ref = torch.randn(3, 65, generator=g).sort(dim=1).values
+    values = x.movedim(1, 0).reshape(3, -1)
+    both(lambda: grid_transport(x, values, q_ref, 256))
+    assert calls == [True]  # the kernels' call (the other ran inside `disabled`)
+    x[0, 0, 0, 0] = 1e6  # an outlier: the knot range may narrow, the general path refines it
+    values = x.movedim(1, 0).reshape(3, -1)
+    both(lambda: grid_transport(x, values, q_ref, 256))
+    x[0, 1, 0, 0] = float("nan")  # a non-finite sampled value: the general path
+    values = x.movedim(1, 0).reshape(3, -1)
+    both(lambda: grid_transport(x, values, q_ref, 256))
+    assert calls == [True, False, False]
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_corrected_model_gives_the_same_logits(channels_last):
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    train = torch.randn(64, 3, 12, 12)
+    stats = fit(model, [train[:32], train[32:]], progress=False)
+    test = torch.randn(16, 3, 12, 12) * 2 + 0.5
+    test[0, 0, 0, 0] = float("nan")  # one sample's NaN stays in that sample
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        test = test.contiguous(memory_format=torch.channels_last)
+    dmc = DMC(model, stats)
+    with torch.no_grad():
+        logits = both(lambda: dmc(test))
+    assert torch.isfinite(logits[1:]).all()
+
+
+def test_a_failed_build_warns_once_and_changes_no_result(monkeypatch):
+    def no_compiler():
+        raise OSError("c++: command not found")
+
+    monkeypatch.setattr(native, "_state", {"tried": False, "ops": None, "fused": False, "forced_off": 0})
+    monkeypatch.setattr(native, "_build", no_compiler)
+    with pytest.warns(RuntimeWarning, match="could not build its CPU kernels.*command not found"):
+        assert native.kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert native.kernels() is None
+        x = torch.randn(4, 3, 5, 5)
+        q_ref = torch.randn(3, 9).sort(dim=1).values
+        assert not native.available_for(x)
+        y = grid_transport(x, x.movedim(1, 0).reshape(3, -1), q_ref, 32)
+    monkeypatch.undo()  # the kernels back
+    assert native.kernels() is not None
+    same_bits(y, grid_transport(x, x.movedim(1, 0).reshape(3, -1), q_ref, 32))
+
+
+def test_the_environment_variable_turns_them_off_without_a_build(monkeypatch):
+    monkeypatch.setattr(native, "_state", {"tried": False, "ops": None, "fused": False, "forced_off": 0})
+    monkeypatch.setattr(native, "_build", lambda: pytest.fail("no build may be tried"))
+    monkeypatch.setenv(native.ENV, "0")
+    assert native.kernels() is None
+    assert not native.available_for(torch.zeros(2))
+
+
+def test_only_cpu_float32_tensors_without_gradients_take_them():
+    assert native.available_for(torch.zeros(2))
+    assert not native.available_for(torch.zeros(2, dtype=torch.float64))
+    assert not native.available_for(torch.zeros(2, dtype=torch.float16))
+    assert not native.available_for(torch.zeros(2, requires_grad=True))
+    with native.disabled():
+        assert not native.available_for(torch.zeros(2))
+
+
+def test_the_probe_says_how_addcmul_rounds_here():
+    fused = native._fused_multiply_add()
+    assert fused in (True, False)
+    g = torch.Generator().manual_seed(0)
+    x, y, z = (torch.randn(1003, generator=g) for _ in range(3))
+    got = torch.addcmul(z, x, y)
+    once = (z.double() + x.double() * y.double()).float()  # exact product: one rounding of the sum
+    twice = z + x * y
+    assert torch.equal(got, once if fused else twice)
+
+
+def test_bad_arguments_are_refused_with_a_message():
+    ops = native.kernels()
+    x = torch.zeros(2, 3, 4)
+    image, scale = torch.zeros(3, 8), torch.ones(3)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.lookup(x.double(), image, scale, scale, 1, None, None, True)
+    with pytest.raises(RuntimeError, match="contiguous float32"):
+        ops.lookup(x.transpose(0, 2), image, scale, scale, 1, None, None, True)
+    with pytest.raises(RuntimeError, match="3 rows"):
+        ops.lookup(x, image[:2], scale, scale, 1, None, None, True)
+    with pytest.raises(RuntimeError, match="size must be"):
+        ops.histogram(torch.zeros(3, 5), scale, scale, 1, True)
