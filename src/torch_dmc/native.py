@@ -171,10 +171,10 @@ def table_lookup(x: Tensor, image: Tensor, scale: Tensor, shift: Tensor, axis: i
 
 def grid_site(x: Tensor, values: Tensor, q_ref: Tensor, size: int, axis: int,
               affine: tuple[Tensor, Tensor] | None, outlier_level: float,
-              outlier_margin: float) -> Tensor | None:
-    """A whole grid-mode site in one call: `torch_dmc.transport.grid_transport`'s result where
-    every sampled value (after ``affine``) is finite and no knot range can narrow; ``None``
-    where either fails (the caller then takes the general path).
+              outlier_margin: float, refinements: int) -> Tensor | None:
+    """A whole grid-mode site in one call: `torch_dmc.transport.grid_transport`'s result
+    (knot-range refinement included) where every sampled value (after ``affine``) is finite;
+    ``None`` where one is not (the caller then takes the general path).
 
     Args:
         x: contiguous float32 activation, ``C`` channels on ``axis``.
@@ -183,12 +183,13 @@ def grid_site(x: Tensor, values: Tensor, q_ref: Tensor, size: int, axis: int,
         size: nodes per channel, ``2 <= size < 2^22``.
         axis: the channel axis, ``0 <= axis < x.dim()``.
         affine: optional ``(a, b)``, each ``C`` float32: map ``a·x + b``.
-        outlier_level, outlier_margin: `torch_dmc.transport.OUTLIER_LEVEL`, `OUTLIER_MARGIN`.
+        outlier_level, outlier_margin, refinements: `torch_dmc.transport.OUTLIER_LEVEL`,
+            `OUTLIER_MARGIN`, `REFINEMENTS`.
 
     Returns:
         A new tensor of ``x``'s shape, or ``None``.
     """
     a, b = (None, None) if affine is None else affine
     out, done = kernels().grid_site(x, values, q_ref, size, axis, a, b, outlier_level,
-                                    outlier_margin, _state["fused"])
+                                    outlier_margin, refinements, _state["fused"])
     return out if done else None

@@ -777,7 +777,7 @@ def _site_kernel(x: Tensor, v: Tensor, q_ref: Tensor, size: int, channel_axis: i
                  affine: tuple[Tensor, Tensor] | None) -> Tensor | None:
     """`grid_transport` in one compiled call (`torch_dmc.native.grid_site`: the same result) when
     the inputs are well formed and the kernel runs on them; ``None`` otherwise, or when the
-    kernel declines (a sampled value not finite, or a knot range that may narrow)."""
+    kernel declines (a sampled value, or a row's range, not finite)."""
     if not -x.dim() <= channel_axis < x.dim():
         return None
     axis = channel_axis % x.dim()
@@ -789,7 +789,8 @@ def _site_kernel(x: Tensor, v: Tensor, q_ref: Tensor, size: int, channel_axis: i
     ab = () if affine is None else (_float(affine[0]), _float(affine[1]))
     if any(t.shape != (c,) for t in ab) or not (_native_lookup(x) and available_for(v, q, *ab)):
         return None
-    return grid_site(x.detach(), v, q, size, axis, ab or None, OUTLIER_LEVEL, OUTLIER_MARGIN)
+    return grid_site(x.detach(), v, q, size, axis, ab or None, OUTLIER_LEVEL, OUTLIER_MARGIN,
+                     REFINEMENTS)
 
 
 def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_axis: int = 1,

@@ -15,10 +15,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <vector>
 
@@ -269,12 +271,29 @@ at::Tensor lookup(const at::Tensor& x, const at::Tensor& image, const at::Tensor
 
 // ---- a whole grid-mode site: `transport.grid_transport` when every sampled value is finite ----
 
-// torch.lerp(a, b, w) for 0 <= w <= 1, as its CPU kernel computes it.
+// c ? x : y, without a branch (for conditions that are true as often as not).
+inline float pick(bool c, float x, float y) {
+  uint32_t xb, yb;
+  std::memcpy(&xb, &x, 4);
+  std::memcpy(&yb, &y, 4);
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  const uint32_t bits = (xb & mask) | (yb & ~mask);
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// torch.lerp(a, b, w) for 0 <= w <= 1, as its CPU kernel computes it: a + w (b - a) for
+// w < 1/2, else b - (1 - w)(b - a); without a branch (w is as likely below 1/2 as above).
 template <bool kFused>
 inline float lerp(float a, float b, float w) {
   const float d = b - a;
-  if (std::fabs(w) < 0.5f) return mul_add<kFused>(w, d, a);
-  return kFused ? std::fma(w - 1.0f, d, b) : b - d * (1.0f - w);
+  const bool low = std::fabs(w) < 0.5f;
+  if constexpr (kFused) {
+    return std::fma(pick(low, w, w - 1.0f), d, pick(low, a, b));
+  } else {
+    return pick(low, a + w * d, b - d * (1.0f - w));
+  }
 }
 
 // First index of the non-decreasing levels[0:n] at or above t (torch.searchsorted, left side).
@@ -282,48 +301,60 @@ inline int64_t search_left(const float* levels, int64_t n, float t) {
   return std::lower_bound(levels, levels + n, t) - levels;
 }
 
-// What one row of the sample gives: its knots, node levels and central span in nodes.
-struct RowKnots {
-  float lo = 0, step = 1;
-  int64_t span = 0;  // j(1 - p) - j(p), both clamped to [1, size - 1] (`transport._surely_wide`)
-  bool finite = true;
-};
-
-// `transport._finite_levels`' histogram of one row (values v, or a * v + b with `affine`):
-// range, knots, node levels (into `level`, size floats) and the central span. Sets finite =
-// false, and stops, when a value or the range is not finite (`grid_transport` then takes its
-// general path).
-template <bool kFused>
-RowKnots row_knots(const float* v, int64_t stride, int64_t m, const float* affine_ab,
-                   int64_t size, float p_low, float p_high, std::vector<float>& scratch,
-                   std::vector<int32_t>& part, std::vector<int64_t>& counts, float* level) {
-  RowKnots k;
-  if (affine_ab != nullptr) {  // transport.affine_values: multiplied, then added
-    scratch.resize(m);
-    for (int64_t j = 0; j < m; ++j) scratch[j] = v[j * stride] * affine_ab[0] + affine_ab[1];
-    v = scratch.data();
-    stride = 1;
+// Whether the n values v[j * stride] are all finite, and their minimum and maximum if so.
+inline bool finite_range(const float* v, int64_t stride, int64_t n, float& lo, float& hi) {
+  constexpr float big = std::numeric_limits<float>::max();
+  lo = std::numeric_limits<float>::infinity();
+  hi = -lo;
+  int64_t j = 0;
+#ifdef __AVX2__
+  if (stride == 1 && n >= 8) {
+    __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vbig = _mm256_set1_ps(big);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 x = _mm256_loadu_ps(v + j);
+      ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(x, vabs), vbig, _CMP_LE_OQ));
+      vlo = _mm256_min_ps(vlo, x);
+      vhi = _mm256_max_ps(vhi, x);
+    }
+    if (_mm256_movemask_ps(ok) != 0xff) return false;
+    alignas(32) float l[8], h[8];
+    _mm256_store_ps(l, vlo);
+    _mm256_store_ps(h, vhi);
+    for (int i = 0; i < 8; ++i) {
+      lo = std::min(lo, l[i]);
+      hi = std::max(hi, h[i]);
+    }
   }
-  float lo = std::numeric_limits<float>::infinity(), hi = -lo;
+#endif
   bool finite = true;
-  for (int64_t j = 0; j < m; ++j) {
+  for (; j < n; ++j) {
     const float x = v[j * stride];
-    finite &= std::fabs(x) <= std::numeric_limits<float>::max();
+    finite &= std::fabs(x) <= big;
     lo = std::min(lo, x);
     hi = std::max(hi, x);
   }
-  if (!finite || !(std::fabs(hi - lo) <= std::numeric_limits<float>::max())) {
-    k.finite = false;
-    return k;
-  }
-  // transport._histogram: step, then (masked_fill, clamp_min) for equal values and subnormals
+  return finite;
+}
+
+// Grid mode's knot-range constants (transport.OUTLIER_LEVEL, OUTLIER_MARGIN, REFINEMENTS).
+struct KnotRule {
+  float p_low, p_high;  // OUTLIER_LEVEL and 1 - OUTLIER_LEVEL, as float32
+  double margin;
+  int64_t refinements;
+};
+
+// transport._histogram of one row on `size` nodes over [lo, hi]: the node levels into `level`
+// (size floats); returns the node spacing. part: 4 * size scratch; counts: size scratch.
+template <bool kFused>
+float row_levels(const float* v, int64_t stride, int64_t m, float lo, float hi, int64_t size,
+                 int32_t* part, int64_t* counts, float* level) {
+  // the step, then (masked_fill, clamp_min) for equal values and subnormal ranges
   float step = (hi - lo) / static_cast<float>(size - 1);
   if (step == 0.0f) step = 1.0f;
   step = std::max(step, std::numeric_limits<float>::min());
   const float inv = 1.0f / step;
-  const float shift = -lo * inv;
-  counts.resize(size);
-  count_row<kFused>(v, stride, m, shift, inv, size, part.data(), counts.data());
+  count_row<kFused>(v, stride, m, -lo * inv, inv, size, part, counts);
   // level = (cumsum(counts) - counts / 2) / M: cumsum accumulates exactly (in double) and
   // rounds each partial sum to float32, as does this integer sum
   const float total = static_cast<float>(m);
@@ -332,10 +363,73 @@ RowKnots row_knots(const float* v, int64_t stride, int64_t m, const float* affin
     cum += counts[j];
     level[j] = (static_cast<float>(cum) - 0.5f * static_cast<float>(counts[j])) / total;
   }
-  auto clamp_node = [&](int64_t j) { return std::min<int64_t>(std::max<int64_t>(j, 1), size - 1); };
+  return step;
+}
+
+// transport._invert_levels of one row at one level t: the value where the piecewise-linear CDF
+// through (lo + j step, level[j]) reaches t.
+inline float invert_level(const float* level, int64_t size, float lo, float step, float t) {
+  const int64_t hi = std::min<int64_t>(std::max<int64_t>(search_left(level, size, t), 1), size - 1);
+  const int64_t below = hi - 1;
+  const float l0 = level[below], l1 = level[hi];
+  const float frac = std::min(std::max((t - l0) / std::max(l1 - l0, 1e-12f), 0.0f), 1.0f);
+  return lo + (static_cast<float>(below) + frac) * step;
+}
+
+// transport._surely_wide for one row: its knot range cannot narrow.
+inline bool surely_wide(const float* level, int64_t size, const KnotRule& rule) {
+  auto node = [&](float t) {
+    return std::min<int64_t>(std::max<int64_t>(search_left(level, size, t), 1), size - 1);
+  };
+  const double d = static_cast<double>(std::max<int64_t>(node(rule.p_high) - node(rule.p_low) - 1, 0));
+  return 2 * ((1 + rule.margin) * d + 1) >= 1.01 * static_cast<double>(size - 1);
+}
+
+// One row's knots: the first node and the spacing.
+struct RowKnots {
+  float lo = 0, step = 1;
+  bool finite = true;
+};
+
+// `transport._finite_levels` of one row (values v, or a * v + b with `affine_ab`): range,
+// histogram, and the knot-range refinement (`transport._refine`) where the range may narrow;
+// the node levels into `level` (size floats). A row on its own takes the same steps as in
+// `_refine`, which refines every row together: a row that does not narrow keeps its histogram.
+// Sets finite = false, and stops, when a value or the range is not finite (`grid_transport`
+// then takes its general path).
+template <bool kFused>
+RowKnots row_knots(const float* v, int64_t stride, int64_t m, const float* affine_ab,
+                   int64_t size, const KnotRule& rule, std::vector<float>& scratch,
+                   std::vector<int32_t>& part, std::vector<int64_t>& counts, float* level) {
+  RowKnots k;
+  if (affine_ab != nullptr) {  // transport.affine_values: multiplied, then added
+    scratch.resize(m);
+    for (int64_t j = 0; j < m; ++j) scratch[j] = v[j * stride] * affine_ab[0] + affine_ab[1];
+    v = scratch.data();
+    stride = 1;
+  }
+  float lo, hi;
+  const bool finite = finite_range(v, stride, m, lo, hi);
+  if (!finite || !(std::fabs(hi - lo) <= std::numeric_limits<float>::max())) {
+    k.finite = false;
+    return k;
+  }
+  counts.resize(size);
+  float step = row_levels<kFused>(v, stride, m, lo, hi, size, part.data(), counts.data(), level);
+  if (!surely_wide(level, size, rule)) {
+    for (int64_t i = 0; i < rule.refinements; ++i) {
+      const float q0 = invert_level(level, size, lo, step, rule.p_low);
+      const float q1 = invert_level(level, size, lo, step, rule.p_high);
+      const float margin = static_cast<float>(rule.margin) * (q1 - q0) + step;
+      const float new_lo = std::max(lo, q0 - margin), new_hi = std::min(hi, q1 + margin);
+      if (!((new_hi - new_lo) * 2.0f < hi - lo)) break;
+      lo = new_lo;
+      hi = new_hi;
+      step = row_levels<kFused>(v, stride, m, lo, hi, size, part.data(), counts.data(), level);
+    }
+  }
   k.lo = lo;
   k.step = step;
-  k.span = clamp_node(search_left(level, size, p_high)) - clamp_node(search_left(level, size, p_low));
   return k;
 }
 
@@ -355,39 +449,32 @@ void table_row(float* level, int64_t size, const float* q, int64_t k) {
 template <bool kFused>
 std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
                                   const at::Tensor& q_ref, int64_t size, int64_t axis,
-                                  const float* ap, const float* bp, double outlier_level,
-                                  double outlier_margin) {
+                                  const float* ap, const float* bp, const KnotRule& rule) {
   const int64_t channels = values.size(0), m = values.size(1), k = q_ref.size(1);
   const float* v = values.data_ptr<float>();
   const int64_t s0 = values.stride(0), s1 = values.stride(1);
-  const float p_low = static_cast<float>(outlier_level);
-  const float p_high = static_cast<float>(1.0 - outlier_level);
   std::vector<RowKnots> knots(channels);
-  std::vector<float> table(channels * size);
+  // each row's node levels, turned into its table in place (not zero-filled: every entry is written)
+  std::unique_ptr<float[]> table(new float[channels * size]);
   at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<int32_t> part(4 * size);
     std::vector<int64_t> counts;
     for (int64_t r = begin; r < end; ++r) {
       const float ab[2] = {ap == nullptr ? 1.0f : ap[r], bp == nullptr ? 0.0f : bp[r]};
-      knots[r] = row_knots<kFused>(v + r * s0, s1, m, ap == nullptr ? nullptr : ab, size, p_low,
-                                   p_high, scratch, part, counts, table.data() + r * size);
+      knots[r] = row_knots<kFused>(v + r * s0, s1, m, ap == nullptr ? nullptr : ab, size, rule,
+                                   scratch, part, counts, table.get() + r * size);
     }
   });
-  // transport._surely_wide: no row's knot range could narrow, else the general path refines it
-  int64_t span = std::numeric_limits<int64_t>::max();
-  for (const auto& row : knots) {
+  for (const auto& row : knots)
     if (!row.finite) return {at::Tensor(), false};
-    span = std::min(span, row.span);
-  }
-  const double d = static_cast<double>(std::max<int64_t>(span - 1, 0));
-  if (!(2 * ((1 + outlier_margin) * d + 1) >= 1.01 * static_cast<double>(size - 1)))
-    return {at::Tensor(), false};
   const auto q = q_ref.contiguous();
   const float* qp = q.data_ptr<float>();
+  at::parallel_for(0, channels, std::max<int64_t>(1, 16384 / size), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) table_row<kFused>(table.get() + r * size, size, qp + r * k, k);
+  });
   std::vector<float> scale(channels), shift(channels);
   for (int64_t r = 0; r < channels; ++r) {
-    table_row<kFused>(table.data() + r * size, size, qp + r * k, k);
     // transport._lookup's grid coordinate: 2 / ((B - 1) * step) as reciprocal, then times 2
     const float sc = 2.0f * (1.0f / (static_cast<float>(size - 1) * knots[r].step));
     const float sh = -knots[r].lo * sc - 1.0f;
@@ -399,26 +486,27 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
   for (int64_t dim = axis + 1; dim < x.dim(); ++dim) inner *= x.size(dim);
   auto out = at::empty(x.sizes(), x.options());
   if (ap == nullptr) {
-    look_up<kFused, false>(x.data_ptr<float>(), table.data(), size, scale.data(), shift.data(),
+    look_up<kFused, false>(x.data_ptr<float>(), table.get(), size, scale.data(), shift.data(),
                            nullptr, nullptr, outer, channels, inner, size, out.data_ptr<float>());
   } else {
-    look_up<kFused, true>(x.data_ptr<float>(), table.data(), size, scale.data(), shift.data(), ap,
+    look_up<kFused, true>(x.data_ptr<float>(), table.get(), size, scale.data(), shift.data(), ap,
                           bp, outer, channels, inner, size, out.data_ptr<float>());
   }
   return {out, true};
 }
 
 // `transport.grid_transport(x, values, q_ref, size, axis, affine=(a, b))` in one call, for the
-// case its fast path takes: every sampled value (after the affine map) finite and the knot range
-// surely wide (no refinement). Returns (output, true); or (undefined, false) when the case does
-// not apply, and the caller takes the general path. x: contiguous, C channels on `axis` (its
-// non-finite values pass through); values: C x M, M >= 1 (any strides); q_ref: C x K, K >= 2;
-// a, b: C or absent; outlier_level, outlier_margin: transport.OUTLIER_LEVEL, OUTLIER_MARGIN.
+// case its fast path takes: every sampled value (after the affine map) finite, knot range refined
+// where it may narrow. Returns (output, true); or (undefined, false) when a sampled value or a
+// row's range is not finite, and the caller takes the general path. x: contiguous, C channels on
+// `axis` (its non-finite values pass through); values: C x M, M >= 1 (any strides); q_ref: C x K,
+// K >= 2; a, b: C or absent; outlier_level, outlier_margin, refinements: transport.OUTLIER_LEVEL,
+// OUTLIER_MARGIN, REFINEMENTS.
 std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& values,
                                        const at::Tensor& q_ref, int64_t size, int64_t axis,
                                        const c10::optional<at::Tensor>& a,
                                        const c10::optional<at::Tensor>& b, double outlier_level,
-                                       double outlier_margin, bool fused) {
+                                       double outlier_margin, int64_t refinements, bool fused) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 CPU tensor");
   check_float_cpu(values, "values", 2);
@@ -441,8 +529,10 @@ std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& va
   const float* ap = a.has_value() ? ta.data_ptr<float>() : nullptr;
   const float* bp = a.has_value() ? tb.data_ptr<float>() : nullptr;
   if (x.numel() == 0) return {at::empty(x.sizes(), x.options()), true};
-  return fused ? site<true>(x, values, q_ref, size, axis, ap, bp, outlier_level, outlier_margin)
-               : site<false>(x, values, q_ref, size, axis, ap, bp, outlier_level, outlier_margin);
+  const KnotRule rule{static_cast<float>(outlier_level), static_cast<float>(1.0 - outlier_level),
+                      outlier_margin, refinements};
+  return fused ? site<true>(x, values, q_ref, size, axis, ap, bp, rule)
+               : site<false>(x, values, q_ref, size, axis, ap, bp, rule);
 }
 
 }  // namespace
@@ -450,7 +540,7 @@ std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& va
 TORCH_LIBRARY(torch_dmc, m) {
   m.def("histogram(Tensor values, Tensor shift, Tensor inv, int size, bool fused) -> Tensor");
   m.def("grid_site(Tensor x, Tensor values, Tensor q_ref, int size, int axis, Tensor? a, Tensor? b, "
-        "float outlier_level, float outlier_margin, bool fused) -> (Tensor, bool)");
+        "float outlier_level, float outlier_margin, int refinements, bool fused) -> (Tensor, bool)");
   m.def("lookup(Tensor x, Tensor image, Tensor scale, Tensor shift, int axis, Tensor? a, Tensor? b, bool fused) -> Tensor");
 }
 
