@@ -56,9 +56,14 @@ def test_render_lists_every_method_and_both_fit_ratios():
         "memory": {"plain pass, 100 images": 50.0},
     }
     text = render(results)
-    assert "dmc unfused" in text and "dmc grid" not in text
+    assert "dmc unfused" in text and "dmc no kernels" in text and "dmc grid" not in text
     assert "| m | 16 | 12.5 | 1.00× (0.90–1.10) |" in text
     assert "training images: 1.60× (1.50–1.70)" in text
     assert "`per_sample=True`): 2.40× (2.30–2.50)" in text
     del results["fit"]["per_sample_ratio"]  # a perf.json of an older version still renders
     assert "per_sample" not in render(results)
+    del results["forward"]["m"]["batch 16"]["dmc no kernels"]  # one without the kernels' column
+    assert "| 4.00× (3.90–4.10) | – | 6.00× (5.90–6.10) |" in render(results)
+    assert "Compiled kernels" not in render(results)
+    results["machine"]["compiled_kernels"] = True
+    assert "Compiled kernels (`torch_dmc.native`): in use." in render(results)

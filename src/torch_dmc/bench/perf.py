@@ -28,8 +28,10 @@ from torch import nn
 __all__ = ["add_perf_arguments", "run_perf", "time_ratios", "machine_info"]
 
 #: Contenders of the forward ratios: ``dmc unfused`` is the default with the BatchNorm fusion off
-#: (`torch_dmc.correct.FUSE_BATCHNORM`: every BatchNorm site corrected after its module).
-METHODS = ("bn", "tent", "dmc exact", "dmc unfused", "dmc default")
+#: (`torch_dmc.correct.FUSE_BATCHNORM`: every BatchNorm site corrected after its module);
+#: ``dmc no kernels`` the default with the compiled kernels off (`torch_dmc.native.disabled`:
+#: the same outputs, PyTorch operators only).
+METHODS = ("bn", "tent", "dmc exact", "dmc unfused", "dmc no kernels", "dmc default")
 
 
 def machine_info() -> dict:
@@ -43,11 +45,12 @@ def machine_info() -> dict:
     except OSError:
         pass
     import torch_dmc
+    from torch_dmc import native
 
     return {"cpu": cpu, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "torch_dmc": torch_dmc.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "compiled_kernels": native.kernels() is not None}
 
 
 def time_ratios(plain: Callable[[], object], contenders: dict[str, Callable[[], object]],
@@ -100,6 +103,8 @@ def _methods(model: nn.Module, stats) -> dict[str, nn.Module]:
 
 
 def _forward_ratios(model: nn.Module, stats, x: torch.Tensor, repeats: int) -> dict:
+    from .. import native
+
     methods = _methods(model, stats)
 
     def call(m):
@@ -110,6 +115,13 @@ def _forward_ratios(model: nn.Module, stats, x: torch.Tensor, repeats: int) -> d
 
     contenders = {name: call(m) for name, m in methods.items()}
     contenders["tent"] = lambda: methods["tent"](x)  # tent needs gradients
+    default = contenders["dmc default"]
+
+    def without_kernels():
+        with native.disabled():
+            return default()
+
+    contenders = {name: contenders.get(name, without_kernels) for name in METHODS}
     return time_ratios(call(model), contenders, repeats=repeats)
 
 
@@ -231,8 +243,13 @@ def _fmt(r: dict) -> str:
 
 def render(results: dict) -> str:
     """The results as Markdown tables."""
-    lines = [f"Machine: {results['machine']['cpu']}, {results['machine']['torch_threads']} torch "
-             f"threads, torch {results['machine']['torch']}.", ""]
+    machine = results["machine"]
+    lines = [f"Machine: {machine['cpu']}, {machine['torch_threads']} torch threads, torch "
+             f"{machine['torch']}."]
+    if "compiled_kernels" in machine:
+        state = "in use." if machine["compiled_kernels"] else "not in use (build failed or turned off)."
+        lines.append(f"Compiled kernels (`torch_dmc.native`): {state}")
+    lines.append("")
     cases = [(k, v) for k, v in results["forward"].items()]
     header = "| model | batch | plain (ms) | " + " | ".join(METHODS) + " |"
     lines += ["Forward time relative to the plain forward (median, min–max over interleaved "
@@ -242,7 +259,7 @@ def render(results: dict) -> str:
             if not key.startswith("batch "):
                 continue
             plain_ms = next(iter(ratios.values()))["plain_ms"]
-            cells = " | ".join(_fmt(ratios[m]) for m in METHODS)
+            cells = " | ".join(_fmt(ratios[m]) if m in ratios else "–" for m in METHODS)
             lines.append(f"| {model_name} | {key[6:]} | {plain_ms:.1f} | {cells} |")
     f = results["fit"]
     lines += ["", f"`fit` over {f['images']} training images: {_fmt(f['ratio'])} the time of one "
