@@ -8,7 +8,10 @@ repetitions, milliseconds):
 - ``site``: `torch_dmc.transport.grid_transport` as the default grid mode calls it (4,096 sampled
   values per channel, ``min(4096, max(32, M // 4))`` knots);
 - its parts: ``table`` (`lut_from_sample`: histogram of the sample and the quantile table) and
-  ``lookup`` (`apply_lut`, the ``grid_sample`` lookup of every value);
+  ``lookup`` (`apply_lut`, the lookup of every value);
+- each of the three with the compiled kernels (`torch_dmc.native`, where they build: ``site`` is
+  then one ``grid_site`` call) and, marked ``(PyTorch)``, without them (``native.disabled()``:
+  PyTorch operators, the ``grid_sample`` lookup; the same outputs);
 - ``gather lookup``: the lookup as index arithmetic and one gather (the issue's suggestion);
 - with ``--compile``: ``compiled``, one function doing the histogram (``index_add_``) and the
   gather lookup, through ``torch.compile`` (inductor, static shapes); its compile time is
@@ -26,6 +29,7 @@ import time
 
 import torch
 
+from torch_dmc import native
 from torch_dmc.transport import _lookup, apply_lut, grid_transport, lut_from_sample, lut_grid
 
 SHAPES = ((24, 28), (48, 14), (96, 7))
@@ -87,13 +91,22 @@ def _measure(batch: int, c: int, side: int, g: torch.Generator, compiled, repeat
     lut = lut_from_sample(values, q_ref, size)
     assert torch.equal(apply_lut(x, lut, 1), grid_transport(x, values, q_ref, size, 1))
     mean, var = torch.zeros(c), torch.ones(c)
-    calls = {
-        "bn": lambda: torch.nn.functional.batch_norm(x, mean, var),
+    def without_kernels(f):
+        def call():
+            with native.disabled():
+                return f()
+        return call
+
+    parts = {
         "site": lambda: grid_transport(x, values, q_ref, size, 1, grid),
         "table": lambda: lut_from_sample(values, q_ref, size),
         "lookup": lambda: _lookup(x, lut, 1, grid, None, False),
-        "gather lookup": lambda: _gather_lookup(x, lut.table, lut.origin, lut.step),
     }
+    calls = {"bn": lambda: torch.nn.functional.batch_norm(x, mean, var)}
+    for name, f in parts.items():
+        calls[name] = f
+        calls[f"{name} (PyTorch)"] = without_kernels(f)
+    calls["gather lookup"] = lambda: _gather_lookup(x, lut.table, lut.origin, lut.step)
     extra = ""
     if compiled is not None:
         t0 = time.perf_counter()
@@ -118,7 +131,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     compiled = torch.compile(_fused, dynamic=False) if args.compile else None
     g = torch.Generator().manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s); milliseconds (× a BatchNorm pass)")
+    kernels = "in use" if native.kernels() is not None else "not in use"
+    print(f"torch {torch.__version__}, {args.threads} thread(s), compiled kernels {kernels}; "
+          "milliseconds (× a BatchNorm pass)")
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         for c, side in SHAPES:
             print(_measure(batch, c, side, g, compiled, args.repeats), flush=True)

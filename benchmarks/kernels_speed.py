@@ -1,0 +1,76 @@
+"""What the compiled kernels buy: the default corrected forward with and without them, side by side.
+
+The `dmc` method with default options (grid mode) on the shipped Fashion-MNIST ResNet (stats of
+2,000 training images; batches of the first 200 and 16 clean test images) and on
+EfficientNet-Lite0 at 224² (batch 16 of sample-photo crops, as `dmc perf`), each against the plain
+forward, interleaved in one process (`torch_dmc.bench.perf.time_ratios`): with the kernels
+(`torch_dmc.native`) and inside `native.disabled()` (PyTorch operators). Also checks that both give
+the same logits, bit for bit. Runs against whichever ``torch_dmc`` is importable, so the same
+script measures older commits (``PYTHONPATH=<checkout>/src``).
+
+    python benchmarks/kernels_speed.py --threads 2 [--repeats 9] [--skip-efficientnet]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from torch_dmc import fit, native
+from torch_dmc.bench.perf import _load_model, _sample_photos, time_ratios
+from torch_dmc.data.arrays import batches, to_tensor
+from torch_dmc.data.fashion_mnist import load_fashion_mnist
+from torch_dmc.methods import build
+
+
+def _line(name: str, model: torch.nn.Module, corrected: torch.nn.Module, x: torch.Tensor,
+          repeats: int) -> str:
+    def plain():
+        with torch.no_grad():
+            return model(x)
+
+    def with_kernels():
+        with torch.no_grad():
+            return corrected(x)
+
+    def without_kernels():
+        with torch.no_grad(), native.disabled():
+            return corrected(x)
+
+    same = torch.equal(with_kernels(), without_kernels())
+    r = time_ratios(plain, {"kernels": with_kernels, "no kernels": without_kernels}, repeats=repeats)
+    cells = "  ".join(f"{k} {v['median']:.2f}× ({v['min']:.2f}–{v['max']:.2f})" for k, v in r.items())
+    return f"{name:<28} plain {r['kernels']['plain_ms']:7.1f} ms  {cells}  same logits: {same}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--skip-efficientnet", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), compiled kernels "
+          f"{'in use' if native.kernels() is not None else 'NOT in use'}", flush=True)
+    data = load_fashion_mnist()
+    model = _load_model(None)
+    stats = fit(model, batches(to_tensor(data.x_train[:2000]), None, 200), progress=False)
+    corrected = build("dmc", model, stats)
+    test = to_tensor(data.x_test)
+    for b in (200, 16):
+        print(_line(f"fmnist-resnet B={b}", model, corrected, test[:b], args.repeats), flush=True)
+    if not args.skip_efficientnet:
+        from torch_dmc.models.efficientnet import load_efficientnet_lite0
+
+        model = load_efficientnet_lite0()
+        stats = fit(model, _sample_photos(8 * 16).split(16), progress=False)
+        corrected = build("dmc", model, stats)
+        print(_line("efficientnet-lite0 B=16", model, corrected, _sample_photos(16, seed=1),
+                    args.repeats), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
