@@ -1,20 +1,20 @@
 """torch-dmc's compiled CPU kernels for grid mode: optional, the same results, faster.
 
-Grid mode (docs/method.md § Grid mode) spends most of a site's time in two steps: the histogram
-of the sampled values and the table lookup of every activation value. As chains of PyTorch
-operators they read and write the data several times and go through the dispatcher a dozen
-times per site; ``src/torch_dmc/_native/kernels.cpp`` does each in one pass. The kernels repeat
-the floating-point operations of the operators they replace, in the same order, so the outputs
-are the same bit for bit (``tests/test_native.py``): whether they are in use changes the speed,
-never a number.
+Grid mode (docs/method.md § Grid mode) spends a site's time on the histogram of the sampled
+values, the table, and the lookup of every activation value. As chains of PyTorch operators these
+read and write the data several times and go through the dispatcher a few dozen times per site;
+``src/torch_dmc/_native/kernels.cpp`` does a whole site in one call (`grid_site`), and the
+histogram and the lookup on their own (`histogram_counts`, `table_lookup`) for the other paths.
+The kernels repeat the floating-point operations of the operators they replace, in the same
+order, so the outputs are the same bit for bit (``tests/test_native.py``): whether they are in
+use changes the speed, never a number. docs/method.md § Compiled kernels has the details.
 
 They are compiled on first use (``torch.utils.cpp_extension``: a C++ compiler and ``ninja``;
 about 15 s, once per machine, cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) and used for CPU float32 tensors. Where the build fails, a
 warning says why and the PyTorch implementation runs. ``TORCH_DMC_NATIVE=0`` turns them off
-(no build is tried). docs/protocol.md § Speed and memory has what they buy.
+(no build is tried). ``results/perf/README.md`` has what they buy.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 ENV = "TORCH_DMC_NATIVE"
-"""Environment variable: ``0`` turns the compiled kernels off."""
+"""Environment variable: ``0`` turns the compiled kernels off (read when they are first needed)."""
 
 SOURCE = Path(__file__).with_name("_native") / "kernels.cpp"
 
@@ -82,11 +82,13 @@ def _build():
 
 def kernels():
     """The kernels' ``torch.ops`` namespace (built on the first call), or ``None``: turned off
-    (`ENV`, `disabled`), or the build failed (warned once)."""
-    if _state["forced_off"] or os.environ.get(ENV, "1") == "0":
+    (`ENV`, read on the first call; `disabled`), or the build failed (warned once)."""
+    if _state["forced_off"]:
         return None
     if not _state["tried"]:
         _state["tried"] = True
+        if os.environ.get(ENV, "1") == "0":
+            return None
         fused = _fused_multiply_add()
         if fused is None:
             warnings.warn("torch-dmc: torch.addcmul rounds differently in its vectorised and scalar "
@@ -116,9 +118,9 @@ def build() -> bool:
 def available_for(*tensors: Tensor) -> bool:
     """Whether the kernels are loaded (building them if needed) and take these tensors: CPU
     float32, none requiring a gradient."""
-    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad
-               for t in tensors):
-        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype != torch.float32 or t.requires_grad:
+            return False
     return kernels() is not None
 
 
@@ -137,7 +139,7 @@ def histogram_counts(values: Tensor, shift: Tensor, inv: Tensor, size: int) -> T
     ``round(clamp(shift[r] + v·inv[r], 0, size - 1))``; non-finite values are not counted.
 
     Args:
-        values: ``C×M`` float32 (any strides).
+        values: ``C×M`` float32 (any strides), ``M < 2^31``.
         shift, inv: ``C`` float32.
         size: cells per row, ``2 <= size < 2^22``.
 
@@ -178,7 +180,7 @@ def grid_site(x: Tensor, values: Tensor, q_ref: Tensor, size: int, axis: int,
 
     Args:
         x: contiguous float32 activation, ``C`` channels on ``axis``.
-        values: ``C×M`` float32 sampled values, ``M >= 1``.
+        values: ``C×M`` float32 sampled values, ``1 <= M < 2^31``.
         q_ref: ``C×K`` float32 reference quantile table, ``K >= 2``.
         size: nodes per channel, ``2 <= size < 2^22``.
         axis: the channel axis, ``0 <= axis < x.dim()``.

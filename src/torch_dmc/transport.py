@@ -429,7 +429,7 @@ def _histogram(values: Tensor, finite: Tensor | None, count: Tensor | int, lo: T
     step = step.masked_fill_(step == 0, 1.0).clamp_min_(torch.finfo(torch.float32).tiny)
     inv = step.reciprocal().unsqueeze(1)
     shift = -lo.unsqueeze(1) * inv
-    if available_for(values):  # the same counts in one pass (non-finite values left out alike)
+    if values.shape[1] < 2**31 and available_for(values):  # the same counts in one pass
         counts = histogram_counts(values, shift.squeeze(1), inv.squeeze(1), size)
     else:
         cell = torch.addcmul(shift, values, inv).round_().clamp_(0, size - 1)
@@ -701,7 +701,7 @@ def apply_lut(x: Tensor, lut: Lut, channel_axis: int = 1, grid: Tensor | None = 
 def _native_lookup(x: Tensor) -> bool:
     """Whether `_lookup` runs the compiled kernel on ``x`` (`torch_dmc.native`: CPU float32,
     contiguous), which needs neither a coordinate buffer nor a finiteness check."""
-    return x.is_contiguous() and available_for(x.detach())
+    return x.dim() > 0 and x.is_contiguous() and available_for(x.detach())
 
 
 def needs_grid(x: Tensor) -> bool:
@@ -723,10 +723,7 @@ def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
     n = x.numel()
     if n == 0:
         return x.detach().clone()
-    rows = _table_rows(c)
     table = _float(lut.table) if image is None else image
-    if table.shape[0] < rows:  # rows >= C are never read (row coordinates are exact)
-        table = torch.cat([table, table[-1:].expand(rows - c, b)])
     bshape = [1] * x.dim()
     bshape[axis] = c
     # the grid coordinate of x: -1 at the first node, +1 at the last
@@ -738,9 +735,13 @@ def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
     if grid is not None and grid.shape != (2, *x.shape):
         raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(2, *x.shape)}: "
                          "make it with lut_grid(x.shape, channel_axis)")
-    if _native_lookup(x):  # the same values in one pass, non-finite ones passed through alike
+    if 2 <= b < 2**22 and c * b < 2**31 and _native_lookup(x):
+        # the same values in one pass, non-finite ones passed through alike
         return table_lookup(x.detach(), table, scale, shift, axis,
                             None if affine is None else (a, offset))
+    rows = _table_rows(c)
+    if table.shape[0] < rows:  # rows >= C are never read (row coordinates are exact)
+        table = torch.cat([table, table[-1:].expand(rows - c, b)])
     if nonfinite is None:
         nonfinite = not all_finite(x.detach())
     if grid is None:
@@ -782,8 +783,9 @@ def _site_kernel(x: Tensor, v: Tensor, q_ref: Tensor, size: int, channel_axis: i
         return None
     axis = channel_axis % x.dim()
     c = x.shape[axis]
-    if not (v.dim() == 2 and v.shape[0] == c and v.shape[1] > 0 and q_ref.dim() == 2
-            and q_ref.shape[0] == c and q_ref.shape[1] >= 2 and 2 <= size < 2**22):
+    if not (v.dim() == 2 and v.shape[0] == c and 0 < v.shape[1] < 2**31 and q_ref.dim() == 2
+            and q_ref.shape[0] == c and q_ref.shape[1] >= 2 and 2 <= size < 2**22
+            and c * size < 2**31):
         return None
     q = _float(q_ref)
     ab = () if affine is None else (_float(affine[0]), _float(affine[1]))
@@ -801,7 +803,9 @@ def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_
     The same result as ``apply_lut(x, lut_from_sample(values, q_ref, size), channel_axis, grid,
     affine=affine)`` (``values`` then taken of ``a·x + b``), in fewer steps: when every value of
     ``x`` is finite (checked once) the histogram skips its masks and the lookup its check, and
-    the knot range is refined only when a cheap count says it might narrow.
+    the knot range is refined only when a cheap count says it might narrow. On a CPU (float32, a
+    contiguous ``x``) it is one call of the compiled site kernel (`torch_dmc.native.grid_site`,
+    the same result bit for bit) unless a sampled value is not finite.
 
     Args:
         x: activation with ``C`` channels on ``channel_axis``.

@@ -1,6 +1,7 @@
-// torch-dmc's CPU kernels for grid mode (docs/method.md § Grid mode): the histogram of a site's
-// sampled values and the table lookup of every activation value, one pass each, instead of the
-// chains of PyTorch operators in src/torch_dmc/transport.py (`_histogram`, `_lookup`).
+// torch-dmc's CPU kernels for grid mode (docs/method.md § Grid mode, § Compiled kernels): the
+// histogram of a site's sampled values and the table lookup of every activation value, one pass
+// each, and a whole site in one call, instead of the chains of PyTorch operators in
+// src/torch_dmc/transport.py (`_histogram`, `_lookup`, `grid_transport`).
 //
 // Each kernel repeats the floating-point operations of the operators it replaces, in the same
 // order and without contraction into fused multiply-adds (built with -ffp-contract=off), so the
@@ -9,7 +10,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -114,7 +114,8 @@ at::Tensor histogram(const at::Tensor& values, const at::Tensor& shift, const at
   const int64_t rows = values.size(0), m = values.size(1);
   TORCH_CHECK(shift.size(0) == rows && inv.size(0) == rows, "shift and inv need ", rows, " entries");
   TORCH_CHECK(size >= 2 && size < (1 << 22), "size must be in [2, 2^22), found ", size);
-  auto counts = at::zeros({rows, size}, values.options().dtype(at::kLong));
+  TORCH_CHECK(m <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 values per row, found ", m);
+  auto counts = at::empty({rows, size}, values.options().dtype(at::kLong));  // every count written
   const auto sh = shift.contiguous(), iv = inv.contiguous();
   const float* v = values.data_ptr<float>();
   const float* shp = sh.data_ptr<float>();
@@ -239,6 +240,9 @@ at::Tensor lookup(const at::Tensor& x, const at::Tensor& image, const at::Tensor
   for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
   const int64_t nodes = image.size(1);
   TORCH_CHECK(nodes >= 2 && nodes < (1 << 22), "the table needs [2, 2^22) nodes, found ", nodes);
+  // (the vectorised lookup of a channels-last activation indexes the table with int32)
+  TORCH_CHECK(channels * nodes <= std::numeric_limits<int32_t>::max(), "a table of ", channels,
+              " x ", nodes, " entries is too large");
   auto out = at::empty(x.sizes(), x.options());
   if (x.numel() == 0) return out;
   const auto img = image.contiguous(), sc = scale.contiguous(), sh = shift.contiguous();
@@ -516,7 +520,11 @@ std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& va
   TORCH_CHECK(x.size(axis) == channels && q_ref.size(0) == channels, "x, values and q_ref need ",
               channels, " channels");
   TORCH_CHECK(values.size(1) >= 1 && q_ref.size(1) >= 2, "values need a column, q_ref two");
+  TORCH_CHECK(values.size(1) <= std::numeric_limits<int32_t>::max(),
+              "at most 2^31 - 1 values per row, found ", values.size(1));
   TORCH_CHECK(size >= 2 && size < (1 << 22), "size must be in [2, 2^22), found ", size);
+  TORCH_CHECK(channels * size <= std::numeric_limits<int32_t>::max(), "a table of ", channels,
+              " x ", size, " entries is too large");
   TORCH_CHECK(a.has_value() == b.has_value(), "a and b go together");
   at::Tensor ta, tb;
   if (a.has_value()) {
