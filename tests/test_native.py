@@ -246,3 +246,25 @@ def test_bad_arguments_are_refused_with_a_message():
         ops.lookup(x, image[:2], scale, scale, 1, None, None, True)
     with pytest.raises(RuntimeError, match="size must be"):
         ops.histogram(torch.zeros(3, 5), scale, scale, 1, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_take_reads_what_index_select_reads(dtype):
+    g = torch.Generator().manual_seed(3)
+    flat = torch.randn(100_000, generator=g)
+    flat[::997] = float("nan")
+    offsets = torch.randint(0, flat.numel(), (20_000,), generator=g).sort().values.to(dtype)
+    same_bits(native.take(flat, offsets), flat.index_select(0, offsets))
+    assert native.take(flat, offsets[:0]).shape == (0,)
+    for bad in (-1, flat.numel()):
+        with pytest.raises(RuntimeError, match="offsets must lie in"):
+            native.take(flat, torch.tensor([0, bad], dtype=dtype))
+
+
+def test_grid_mode_samples_the_same_values_with_the_kernels():
+    from torch_dmc.correct import ShapeCache
+
+    x = torch.randn(50, 8, 20, 20)
+    for output in (x, x.contiguous(memory_format=torch.channels_last)):
+        cache = ShapeCache(seed=0)
+        both(lambda: cache.sample(output, 1, 512))  # noqa: B023 (called at once)

@@ -149,6 +149,21 @@ def histogram_counts(values: Tensor, shift: Tensor, inv: Tensor, size: int) -> T
     return kernels().histogram(values, shift.contiguous(), inv.contiguous(), size, _state["fused"])
 
 
+def take(flat: Tensor, offsets: Tensor) -> Tensor:
+    """``flat.index_select(0, offsets)`` with the reads run ahead (prefetched) and split over
+    threads: grid mode's sample of a large activation is a few thousand scattered reads per
+    channel, whose cache misses this overlaps.
+
+    Args:
+        flat: contiguous 1-D float32.
+        offsets: contiguous 1-D int32 or int64, each in ``[0, flat.numel())`` (checked).
+
+    Returns:
+        A new 1-D tensor of ``len(offsets)`` values.
+    """
+    return kernels().take(flat, offsets)
+
+
 def table_lookup(x: Tensor, image: Tensor, scale: Tensor, shift: Tensor, axis: int,
            affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Nearest-node table lookup of a contiguous activation: value ``v`` of channel ``c`` becomes

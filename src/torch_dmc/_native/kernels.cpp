@@ -543,12 +543,51 @@ std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& va
                : site<false>(x, values, q_ref, size, axis, ap, bp, rule);
 }
 
+// flat[offsets[i]] for every i, in order (`Tensor.index_select(0, offsets)` on a 1-D float32
+// tensor): the reads run ahead with prefetches, so that the cache misses of values spread over a
+// large activation overlap. offsets: int32 or int64, each in [0, flat.numel()).
+template <typename index_t>
+void take_values(const float* flat, const index_t* offsets, int64_t n, float* out) {
+  constexpr int64_t ahead = 32;
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + ahead < end) __builtin_prefetch(flat + offsets[i + ahead]);
+      out[i] = flat[offsets[i]];
+    }
+  });
+}
+
+at::Tensor take(const at::Tensor& flat, const at::Tensor& offsets) {
+  check_float_cpu(flat, "flat", 1);
+  TORCH_CHECK(flat.is_contiguous(), "flat must be contiguous");
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.dim() == 1 && offsets.is_contiguous() &&
+                  (offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong),
+              "offsets must be a contiguous 1-D int32 or int64 CPU tensor");
+  const int64_t n = offsets.size(0), size = flat.numel();
+  auto in_range = [&](const auto* p) {
+    bool ok = true;
+    for (int64_t i = 0; i < n; ++i) ok &= p[i] >= 0 && p[i] < size;
+    return ok;
+  };
+  TORCH_CHECK(offsets.scalar_type() == at::kInt ? in_range(offsets.data_ptr<int32_t>())
+                                                : in_range(offsets.data_ptr<int64_t>()),
+              "offsets must lie in [0, ", size, ")");
+  auto out = at::empty({n}, flat.options());
+  if (offsets.scalar_type() == at::kInt) {
+    take_values(flat.data_ptr<float>(), offsets.data_ptr<int32_t>(), offsets.size(0), out.data_ptr<float>());
+  } else {
+    take_values(flat.data_ptr<float>(), offsets.data_ptr<int64_t>(), offsets.size(0), out.data_ptr<float>());
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torch_dmc, m) {
   m.def("histogram(Tensor values, Tensor shift, Tensor inv, int size, bool fused) -> Tensor");
   m.def("grid_site(Tensor x, Tensor values, Tensor q_ref, int size, int axis, Tensor? a, Tensor? b, "
         "float outlier_level, float outlier_margin, int refinements, bool fused) -> (Tensor, bool)");
+  m.def("take(Tensor flat, Tensor offsets) -> Tensor");
   m.def("lookup(Tensor x, Tensor image, Tensor scale, Tensor shift, int axis, Tensor? a, Tensor? b, bool fused) -> Tensor");
 }
 
@@ -556,4 +595,5 @@ TORCH_LIBRARY_IMPL(torch_dmc, CPU, m) {
   m.impl("histogram", &histogram);
   m.impl("lookup", &lookup);
   m.impl("grid_site", &grid_site);
+  m.impl("take", &take);
 }
