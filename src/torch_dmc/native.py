@@ -3,8 +3,9 @@
 Grid mode (docs/method.md § Grid mode) spends a site's time on the histogram of the sampled
 values, the table, and the lookup of every activation value. As chains of PyTorch operators these
 read and write the data several times and go through the dispatcher a few dozen times per site;
-``src/torch_dmc/_native/kernels.cpp`` does a whole site in one call (`grid_site`), and the
-histogram and the lookup on their own (`histogram_counts`, `table_lookup`) for the other paths.
+``src/torch_dmc/_native/kernels.cpp`` does a whole site in one call (`grid_site`), the histogram
+and the lookup on their own (`histogram_counts`, `table_lookup`) for the other paths, and the
+site's sample (`take`).
 The kernels repeat the floating-point operations of the operators they replace, in the same
 order, so the outputs are the same bit for bit (``tests/test_native.py``): whether they are in
 use changes the speed, never a number. docs/method.md § Compiled kernels has the details.
