@@ -268,3 +268,22 @@ def test_grid_mode_samples_the_same_values_with_the_kernels():
     for output in (x, x.contiguous(memory_format=torch.channels_last)):
         cache = ShapeCache(seed=0)
         both(lambda: cache.sample(output, 1, 512))  # noqa: B023 (called at once)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC view of channels_last", "NTC"])
+@pytest.mark.parametrize("affine", [False, True])
+def test_all_values_read_in_place_give_the_copied_values_result(layout, affine):
+    g = torch.Generator().manual_seed(5)
+    x = messy(g, (6, 4, 5, 3), ties=True, nonfinite=False, outliers=True)
+    axis = 1
+    if layout == "NHWC view of channels_last":
+        x, axis = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), 3
+    elif layout == "NTC":
+        x, axis = x.reshape(6, 4, 15).transpose(1, 2).contiguous(), 2
+    c = x.shape[axis]
+    copied = x.movedim(axis, 0).reshape(c, -1)
+    q_ref = torch.randn(c, 33, generator=g).sort(dim=1).values
+    ab = (torch.randn(c, generator=g), torch.randn(c, generator=g)) if affine else None
+    y = both(lambda: grid_transport(x, None, q_ref, 40, axis, affine=ab))
+    with native.disabled():
+        same_bits(y, grid_transport(x, copied, q_ref, 40, axis, affine=ab))

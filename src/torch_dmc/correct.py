@@ -334,8 +334,9 @@ class GridTransport:
 
     extent = ExactTransport.extent
 
-    def _size(self, values: Tensor) -> int:
-        return min(self.knots, max(32, values.shape[1] // 4))
+    def _size(self, m: int) -> int:
+        """Table nodes for ``m`` values per channel."""
+        return min(self.knots, max(32, m // 4))
 
     def _values(self, output: Tensor, axis: int, cache: ShapeCache) -> Tensor:
         """``C×M`` values: the fixed sample of positions, or all values when there are few."""
@@ -369,19 +370,24 @@ class GridTransport:
         (`torch_dmc.transport.grid_transport`); with ``affine = (a, b)``, the values
         ``a·output + b`` (a BatchNorm's output, given its input: docs/method.md § Grid mode,
         BatchNorm sites). ``finite``: whether every value is finite, if known."""
-        values = self._values(output, axis, cache)
-        size = self._size(values)
+        c = output.shape[axis]
+        n = output.numel() // c
+        if self.grid_sample is None or self.grid_sample >= n:  # all values: none copied here
+            values, size = None, self._size(n)
+        else:
+            values = self._values(output, axis, cache)
+            size = self._size(values.shape[1])
         return self._in_layout(output, axis, cache, lambda x, ax, grid: grid_transport(
             x, values, q_ref, size, ax, grid, affine=affine, finite=finite))
 
     def match_rows(self, rows: Tensor, q_ref: Tensor) -> Tensor:
         """Every ``B·C`` (sample, channel) row matched on its own, all its positions used."""
-        return apply_lut(rows, lut_from_sample(rows, q_ref, self._size(rows)), channel_axis=0)
+        return apply_lut(rows, lut_from_sample(rows, q_ref, self._size(rows.shape[1])), channel_axis=0)
 
     def batch_quantiles(self, output: Tensor, axis: int, levels: int, cache: ShapeCache):
         """The batch's quantile table from the histogram (no sort), and its knots as context."""
         values = self._values(output, axis, cache)
-        size = self._size(values)
+        size = self._size(values.shape[1])
         lo, step, level = histogram_levels(values, size)
         return histogram_quantiles(lo, step, level, levels), (lo, step, size)
 
@@ -477,8 +483,7 @@ class SyncGridTransport(GridTransport):
 
     def _global_size(self) -> int:
         """`GridTransport`'s knots for the concatenated batch's ``M`` values per channel."""
-        m = self.grid_sample if self._sampled() else self.batch.values
-        return min(self.knots, max(32, m // 4))
+        return self._size(self.grid_sample if self._sampled() else self.batch.values)
 
     def match(self, output: Tensor, axis: int, q_ref: Tensor, cache: ShapeCache,
               affine: tuple[Tensor, Tensor] | None = None, finite: bool | None = None) -> Tensor:

@@ -187,7 +187,7 @@ def table_lookup(x: Tensor, image: Tensor, scale: Tensor, shift: Tensor, axis: i
                             _state["fused"])
 
 
-def grid_site(x: Tensor, values: Tensor, q_ref: Tensor, size: int, axis: int,
+def grid_site(x: Tensor, values: Tensor | None, q_ref: Tensor, size: int, axis: int,
               affine: tuple[Tensor, Tensor] | None, outlier_level: float,
               outlier_margin: float, refinements: int) -> Tensor | None:
     """A whole grid-mode site in one call: `torch_dmc.transport.grid_transport`'s result
@@ -196,7 +196,8 @@ def grid_site(x: Tensor, values: Tensor, q_ref: Tensor, size: int, axis: int,
 
     Args:
         x: contiguous float32 activation, ``C`` channels on ``axis``.
-        values: ``C×M`` float32 sampled values, ``1 <= M < 2^31``.
+        values: ``C×M`` float32 sampled values, ``1 <= M < 2^31``; ``None``: every value of
+            ``x``, read in place (what ``x.movedim(axis, 0).reshape(C, -1)`` would copy).
         q_ref: ``C×K`` float32 reference quantile table, ``K >= 2``.
         size: nodes per channel, ``2 <= size < 2^22``.
         axis: the channel axis, ``0 <= axis < x.dim()``.

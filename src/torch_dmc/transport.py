@@ -774,28 +774,31 @@ def _float(t: Tensor) -> Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
-def _site_kernel(x: Tensor, v: Tensor, q_ref: Tensor, size: int, channel_axis: int,
+def _site_kernel(x: Tensor, v: Tensor | None, q_ref: Tensor, size: int, channel_axis: int,
                  affine: tuple[Tensor, Tensor] | None) -> Tensor | None:
     """`grid_transport` in one compiled call (`torch_dmc.native.grid_site`: the same result) when
     the inputs are well formed and the kernel runs on them; ``None`` otherwise, or when the
-    kernel declines (a sampled value, or a row's range, not finite)."""
+    kernel declines (a sampled value, or a row's range, not finite). ``v``: ``None`` for every
+    value of ``x``."""
     if not -x.dim() <= channel_axis < x.dim():
         return None
     axis = channel_axis % x.dim()
     c = x.shape[axis]
-    if not (v.dim() == 2 and v.shape[0] == c and 0 < v.shape[1] < 2**31 and q_ref.dim() == 2
-            and q_ref.shape[0] == c and q_ref.shape[1] >= 2 and 2 <= size < 2**22
-            and c * size < 2**31):
+    m = x.numel() // max(c, 1) if v is None else (v.shape[1] if v.dim() == 2 else 0)
+    if not ((v is None or (v.dim() == 2 and v.shape[0] == c)) and 0 < m < 2**31
+            and q_ref.dim() == 2 and q_ref.shape[0] == c and q_ref.shape[1] >= 2
+            and 2 <= size < 2**22 and c * size < 2**31):
         return None
     q = _float(q_ref)
     ab = () if affine is None else (_float(affine[0]), _float(affine[1]))
-    if any(t.shape != (c,) for t in ab) or not (_native_lookup(x) and available_for(v, q, *ab)):
+    if any(t.shape != (c,) for t in ab) or not (
+            _native_lookup(x) and available_for(q, *ab, *(() if v is None else (v,)))):
         return None
     return grid_site(x.detach(), v, q, size, axis, ab or None, OUTLIER_LEVEL, OUTLIER_MARGIN,
                      REFINEMENTS)
 
 
-def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_axis: int = 1,
+def grid_transport(x: Tensor, values: Tensor | None, q_ref: Tensor, size: int, channel_axis: int = 1,
                    grid: Tensor | None = None, *, affine: tuple[Tensor, Tensor] | None = None,
                    finite: bool | None = None) -> Tensor:
     """Grid transport of ``x`` through the histogram of its sampled ``values``, in one call.
@@ -810,7 +813,8 @@ def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_
     Args:
         x: activation with ``C`` channels on ``channel_axis``.
         values: ``C×M`` values of ``x`` per channel (all of them or a sample; see
-            `lut_from_sample`), in ``x``'s units.
+            `lut_from_sample`), in ``x``'s units; ``None``: all of them (read in place by the
+            compiled kernel, copied channel-major otherwise).
         q_ref: ``C×K`` reference quantile table.
         size: nodes ``B >= 2`` per channel.
         channel_axis, grid: as for `apply_lut`.
@@ -821,11 +825,14 @@ def grid_transport(x: Tensor, values: Tensor, q_ref: Tensor, size: int, channel_
     Returns:
         The mapped activation, shape and dtype of ``x``; non-finite values pass through.
     """
-    v = _float(values)
+    v = None if values is None else _float(values)
     if finite is not False:
         out = _site_kernel(x, v, q_ref, size, channel_axis, affine)
         if out is not None:
             return out
+    if v is None:
+        axis = channel_axis % x.dim()
+        v = _float(x.detach().movedim(axis, 0).reshape(x.shape[axis], -1))
     if affine is not None:
         v = affine_values(v, (_float(affine[0]), _float(affine[1])))
     if finite is None and not _native_lookup(x):

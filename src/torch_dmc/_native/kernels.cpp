@@ -395,6 +395,14 @@ struct RowKnots {
   bool finite = true;
 };
 
+// One row's values: `blocks` runs of `block_len` values `stride` apart, the runs `block_stride`
+// apart (a C x M sample: one run; all of an N x C x ... activation's channel: N runs).
+struct RowValues {
+  const float* base;
+  int64_t blocks, block_len, block_stride, stride;
+  int64_t count() const { return blocks * block_len; }
+};
+
 // `transport._finite_levels` of one row (values v, or a * v + b with `affine_ab`): range,
 // histogram, and the knot-range refinement (`transport._refine`) where the range may narrow;
 // the node levels into `level` (size floats). A row on its own takes the same steps as in
@@ -402,13 +410,24 @@ struct RowKnots {
 // Sets finite = false, and stops, when a value or the range is not finite (`grid_transport`
 // then takes its general path).
 template <bool kFused>
-RowKnots row_knots(const float* v, int64_t stride, int64_t m, const float* affine_ab,
-                   int64_t size, const KnotRule& rule, std::vector<float>& scratch,
-                   std::vector<int32_t>& part, std::vector<int64_t>& counts, float* level) {
+RowKnots row_knots(const RowValues& row, const float* affine_ab, int64_t size,
+                   const KnotRule& rule, std::vector<float>& scratch, std::vector<int32_t>& part,
+                   std::vector<int64_t>& counts, float* level) {
   RowKnots k;
-  if (affine_ab != nullptr) {  // transport.affine_values: multiplied, then added
+  const int64_t m = row.count();
+  const float* v = row.base;
+  int64_t stride = row.stride;
+  if (affine_ab != nullptr || row.blocks > 1) {  // one contiguous row (the order counts for nothing)
     scratch.resize(m);
-    for (int64_t j = 0; j < m; ++j) scratch[j] = v[j * stride] * affine_ab[0] + affine_ab[1];
+    float* out = scratch.data();
+    for (int64_t blk = 0; blk < row.blocks; ++blk) {
+      const float* in = row.base + blk * row.block_stride;
+      if (affine_ab != nullptr) {  // transport.affine_values: multiplied, then added
+        for (int64_t j = 0; j < row.block_len; ++j) *out++ = in[j * stride] * affine_ab[0] + affine_ab[1];
+      } else {
+        for (int64_t j = 0; j < row.block_len; ++j) *out++ = in[j * stride];
+      }
+    }
     v = scratch.data();
     stride = 1;
   }
@@ -451,12 +470,22 @@ void table_row(float* level, int64_t size, const float* q, int64_t k) {
 }
 
 template <bool kFused>
-std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
+std::tuple<at::Tensor, bool> site(const at::Tensor& x, const c10::optional<at::Tensor>& values,
                                   const at::Tensor& q_ref, int64_t size, int64_t axis,
                                   const float* ap, const float* bp, const KnotRule& rule) {
-  const int64_t channels = values.size(0), m = values.size(1), k = q_ref.size(1);
-  const float* v = values.data_ptr<float>();
-  const int64_t s0 = values.stride(0), s1 = values.stride(1);
+  const int64_t channels = x.size(axis), k = q_ref.size(1);
+  int64_t outer = 1, inner = 1;
+  for (int64_t dim = 0; dim < axis; ++dim) outer *= x.size(dim);
+  for (int64_t dim = axis + 1; dim < x.dim(); ++dim) inner *= x.size(dim);
+  const float* xp = x.data_ptr<float>();
+  auto row_values = [&](int64_t r) -> RowValues {
+    if (values.has_value()) {
+      return {values->data_ptr<float>() + r * values->stride(0), 1, values->size(1), 0,
+              values->stride(1)};
+    }
+    if (inner == 1) return {xp + r, 1, outer, 0, channels};  // channels last: one strided run
+    return {xp + r * inner, outer, inner, channels * inner, 1};
+  };
   std::vector<RowKnots> knots(channels);
   // each row's node levels, turned into its table in place (not zero-filled: every entry is written)
   std::unique_ptr<float[]> table(new float[channels * size]);
@@ -466,8 +495,8 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
     std::vector<int64_t> counts;
     for (int64_t r = begin; r < end; ++r) {
       const float ab[2] = {ap == nullptr ? 1.0f : ap[r], bp == nullptr ? 0.0f : bp[r]};
-      knots[r] = row_knots<kFused>(v + r * s0, s1, m, ap == nullptr ? nullptr : ab, size, rule,
-                                   scratch, part, counts, table.get() + r * size);
+      knots[r] = row_knots<kFused>(row_values(r), ap == nullptr ? nullptr : ab, size, rule, scratch,
+                                   part, counts, table.get() + r * size);
     }
   });
   for (const auto& row : knots)
@@ -485,15 +514,12 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
     scale[r] = ap == nullptr ? sc : ap[r] * sc;
     shift[r] = ap == nullptr ? sh : mul_add<kFused>(bp[r], sc, sh);
   }
-  int64_t outer = 1, inner = 1;
-  for (int64_t dim = 0; dim < axis; ++dim) outer *= x.size(dim);
-  for (int64_t dim = axis + 1; dim < x.dim(); ++dim) inner *= x.size(dim);
   auto out = at::empty(x.sizes(), x.options());
   if (ap == nullptr) {
-    look_up<kFused, false>(x.data_ptr<float>(), table.get(), size, scale.data(), shift.data(),
+    look_up<kFused, false>(xp, table.get(), size, scale.data(), shift.data(),
                            nullptr, nullptr, outer, channels, inner, size, out.data_ptr<float>());
   } else {
-    look_up<kFused, true>(x.data_ptr<float>(), table.get(), size, scale.data(), shift.data(), ap,
+    look_up<kFused, true>(xp, table.get(), size, scale.data(), shift.data(), ap,
                           bp, outer, channels, inner, size, out.data_ptr<float>());
   }
   return {out, true};
@@ -503,25 +529,28 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const at::Tensor& values,
 // case its fast path takes: every sampled value (after the affine map) finite, knot range refined
 // where it may narrow. Returns (output, true); or (undefined, false) when a sampled value or a
 // row's range is not finite, and the caller takes the general path. x: contiguous, C channels on
-// `axis` (its non-finite values pass through); values: C x M, M >= 1 (any strides); q_ref: C x K,
+// `axis` (its non-finite values pass through); values: C x M, M >= 1 (any strides), or absent:
+// every value of x, read in place (`values = x.movedim(axis, 0).reshape(C, -1)`); q_ref: C x K,
 // K >= 2; a, b: C or absent; outlier_level, outlier_margin, refinements: transport.OUTLIER_LEVEL,
 // OUTLIER_MARGIN, REFINEMENTS.
-std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const at::Tensor& values,
+std::tuple<at::Tensor, bool> grid_site(const at::Tensor& x, const c10::optional<at::Tensor>& values,
                                        const at::Tensor& q_ref, int64_t size, int64_t axis,
                                        const c10::optional<at::Tensor>& a,
                                        const c10::optional<at::Tensor>& b, double outlier_level,
                                        double outlier_margin, int64_t refinements, bool fused) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 CPU tensor");
-  check_float_cpu(values, "values", 2);
   check_float_cpu(q_ref, "q_ref", 2);
   TORCH_CHECK(axis >= 0 && axis < x.dim(), "axis ", axis, " out of range for ", x.dim(), " dims");
-  const int64_t channels = values.size(0);
-  TORCH_CHECK(x.size(axis) == channels && q_ref.size(0) == channels, "x, values and q_ref need ",
-              channels, " channels");
-  TORCH_CHECK(values.size(1) >= 1 && q_ref.size(1) >= 2, "values need a column, q_ref two");
-  TORCH_CHECK(values.size(1) <= std::numeric_limits<int32_t>::max(),
-              "at most 2^31 - 1 values per row, found ", values.size(1));
+  const int64_t channels = x.size(axis);
+  const int64_t m = values.has_value() ? values->size(1) : (channels ? x.numel() / channels : 0);
+  if (values.has_value()) {
+    check_float_cpu(*values, "values", 2);
+    TORCH_CHECK(values->size(0) == channels, "x and values need ", channels, " channels");
+  }
+  TORCH_CHECK(q_ref.size(0) == channels, "x and q_ref need ", channels, " channels");
+  TORCH_CHECK(m >= 1 && q_ref.size(1) >= 2, "values need a column, q_ref two");
+  TORCH_CHECK(m <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 values per row, found ", m);
   TORCH_CHECK(size >= 2 && size < (1 << 22), "size must be in [2, 2^22), found ", size);
   TORCH_CHECK(channels * size <= std::numeric_limits<int32_t>::max(), "a table of ", channels,
               " x ", size, " entries is too large");
@@ -585,7 +614,7 @@ at::Tensor take(const at::Tensor& flat, const at::Tensor& offsets) {
 
 TORCH_LIBRARY(torch_dmc, m) {
   m.def("histogram(Tensor values, Tensor shift, Tensor inv, int size, bool fused) -> Tensor");
-  m.def("grid_site(Tensor x, Tensor values, Tensor q_ref, int size, int axis, Tensor? a, Tensor? b, "
+  m.def("grid_site(Tensor x, Tensor? values, Tensor q_ref, int size, int axis, Tensor? a, Tensor? b, "
         "float outlier_level, float outlier_margin, int refinements, bool fused) -> (Tensor, bool)");
   m.def("take(Tensor flat, Tensor offsets) -> Tensor");
   m.def("lookup(Tensor x, Tensor image, Tensor scale, Tensor shift, int axis, Tensor? a, Tensor? b, bool fused) -> Tensor");
