@@ -338,11 +338,15 @@ class GridTransport:
         """Table nodes for ``m`` values per channel."""
         return min(self.knots, max(32, m // 4))
 
+    def _samples(self, n: int) -> bool:
+        """Whether a site with ``n`` values per channel is sampled (else all values are used)."""
+        return self.grid_sample is not None and self.grid_sample < n
+
     def _values(self, output: Tensor, axis: int, cache: ShapeCache) -> Tensor:
         """``C×M`` values: the fixed sample of positions, or all values when there are few."""
         c = output.shape[axis]
         n = output.numel() // c
-        if self.grid_sample is not None and self.grid_sample < n:
+        if self._samples(n):
             return cache.sample(output, axis, self.grid_sample)
         return output.detach().movedim(axis, 0).reshape(c, n)
 
@@ -372,7 +376,7 @@ class GridTransport:
         BatchNorm sites). ``finite``: whether every value is finite, if known."""
         c = output.shape[axis]
         n = output.numel() // c
-        if self.grid_sample is None or self.grid_sample >= n:  # all values: none copied here
+        if not self._samples(n):  # all values: none copied here
             values, size = None, self._size(n)
         else:
             values = self._values(output, axis, cache)
@@ -471,7 +475,7 @@ class SyncGridTransport(GridTransport):
         return self.batch.samples, self.batch.values
 
     def _sampled(self) -> bool:
-        return self.grid_sample is not None and self.grid_sample < self.batch.values
+        return self._samples(self.batch.values)
 
     def _values(self, output: Tensor, axis: int, cache: ShapeCache) -> Tensor:
         """``C×m`` values: this slice's share of the concatenated batch's sample (``m >= 0``)."""

@@ -116,6 +116,14 @@ def build() -> bool:
     return ready
 
 
+def fits(channels: int, nodes: int | None = None, values: int | None = None) -> bool:
+    """Whether the kernels' size limits allow ``channels`` rows of a table of ``nodes`` nodes
+    (``2 <= nodes < 2^22``, fewer than ``2^31`` entries in all) and ``values`` values per row
+    (``1 <= values < 2^31``); an argument left out is not checked."""
+    return ((nodes is None or (2 <= nodes < 2**22 and channels * nodes < 2**31))
+            and (values is None or 0 < values < 2**31))
+
+
 def available_for(*tensors: Tensor) -> bool:
     """Whether the kernels are loaded (building them if needed) and take these tensors: CPU
     float32, none requiring a gradient."""
@@ -147,7 +155,7 @@ def histogram_counts(values: Tensor, shift: Tensor, inv: Tensor, size: int) -> T
     Returns:
         ``C×size`` int64 counts.
     """
-    return kernels().histogram(values, shift.contiguous(), inv.contiguous(), size, _state["fused"])
+    return kernels().histogram(values, shift, inv, size, _state["fused"])
 
 
 def take(flat: Tensor, offsets: Tensor) -> Tensor:
@@ -182,8 +190,8 @@ def table_lookup(x: Tensor, image: Tensor, scale: Tensor, shift: Tensor, axis: i
     Returns:
         A new tensor of ``x``'s shape.
     """
-    a, b = (None, None) if affine is None else (affine[0].contiguous(), affine[1].contiguous())
-    return kernels().lookup(x, image, scale.contiguous(), shift.contiguous(), axis, a, b,
+    a, b = (None, None) if affine is None else affine
+    return kernels().lookup(x, image, scale, shift, axis, a, b,
                             _state["fused"])
 
 

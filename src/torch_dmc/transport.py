@@ -39,7 +39,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .native import available_for, grid_site, histogram_counts, table_lookup
+from .native import available_for, fits, grid_site, histogram_counts, table_lookup
 
 __all__ = [
     "OUTLIER_LEVEL",
@@ -429,7 +429,7 @@ def _histogram(values: Tensor, finite: Tensor | None, count: Tensor | int, lo: T
     step = step.masked_fill_(step == 0, 1.0).clamp_min_(torch.finfo(torch.float32).tiny)
     inv = step.reciprocal().unsqueeze(1)
     shift = -lo.unsqueeze(1) * inv
-    if values.shape[1] < 2**31 and available_for(values):  # the same counts in one pass
+    if fits(c, size, values.shape[1]) and available_for(values):  # the same counts in one pass
         counts = histogram_counts(values, shift.squeeze(1), inv.squeeze(1), size)
     else:
         cell = torch.addcmul(shift, values, inv).round_().clamp_(0, size - 1)
@@ -735,7 +735,7 @@ def _lookup(x: Tensor, lut: Lut, channel_axis: int, grid: Tensor | None,
     if grid is not None and grid.shape != (2, *x.shape):
         raise ValueError(f"grid buffer has shape {tuple(grid.shape)}, expected {(2, *x.shape)}: "
                          "make it with lut_grid(x.shape, channel_axis)")
-    if 2 <= b < 2**22 and c * b < 2**31 and _native_lookup(x):
+    if fits(c, b) and _native_lookup(x):
         # the same values in one pass, non-finite ones passed through alike
         return table_lookup(x.detach(), table, scale, shift, axis,
                             None if affine is None else (a, offset))
@@ -785,9 +785,8 @@ def _site_kernel(x: Tensor, v: Tensor | None, q_ref: Tensor, size: int, channel_
     axis = channel_axis % x.dim()
     c = x.shape[axis]
     m = x.numel() // max(c, 1) if v is None else (v.shape[1] if v.dim() == 2 else 0)
-    if not ((v is None or (v.dim() == 2 and v.shape[0] == c)) and 0 < m < 2**31
-            and q_ref.dim() == 2 and q_ref.shape[0] == c and q_ref.shape[1] >= 2
-            and 2 <= size < 2**22 and c * size < 2**31):
+    if not ((v is None or (v.dim() == 2 and v.shape[0] == c)) and fits(c, size, m)
+            and q_ref.dim() == 2 and q_ref.shape[0] == c and q_ref.shape[1] >= 2):
         return None
     q = _float(q_ref)
     ab = () if affine is None else (_float(affine[0]), _float(affine[1]))

@@ -22,6 +22,7 @@
 #include <limits>
 #include <memory>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -41,6 +42,14 @@ inline float mul_add(float x, float y, float z) {
   } else {
     return z + x * y;
   }
+}
+
+// The sizes of x before and after `axis`: x is outer x C x inner in memory (contiguous).
+std::pair<int64_t, int64_t> outer_inner(const at::Tensor& x, int64_t axis) {
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
+  for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
+  return {outer, inner};
 }
 
 void check_float_cpu(const at::Tensor& t, const char* name, int64_t dim) {
@@ -235,9 +244,7 @@ at::Tensor lookup(const at::Tensor& x, const at::Tensor& image, const at::Tensor
   const int64_t channels = x.size(axis);
   TORCH_CHECK(image.size(0) >= channels && scale.size(0) == channels && shift.size(0) == channels,
               "image, scale and shift need ", channels, " rows");
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < axis; ++d) outer *= x.size(d);
-  for (int64_t d = axis + 1; d < x.dim(); ++d) inner *= x.size(d);
+  const auto [outer, inner] = outer_inner(x, axis);
   const int64_t nodes = image.size(1);
   TORCH_CHECK(nodes >= 2 && nodes < (1 << 22), "the table needs [2, 2^22) nodes, found ", nodes);
   // (the vectorised lookup of a channels-last activation indexes the table with int32)
@@ -474,9 +481,7 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const c10::optional<at::T
                                   const at::Tensor& q_ref, int64_t size, int64_t axis,
                                   const float* ap, const float* bp, const KnotRule& rule) {
   const int64_t channels = x.size(axis), k = q_ref.size(1);
-  int64_t outer = 1, inner = 1;
-  for (int64_t dim = 0; dim < axis; ++dim) outer *= x.size(dim);
-  for (int64_t dim = axis + 1; dim < x.dim(); ++dim) inner *= x.size(dim);
+  const auto [outer, inner] = outer_inner(x, axis);
   const float* xp = x.data_ptr<float>();
   auto row_values = [&](int64_t r) -> RowValues {
     if (values.has_value()) {
