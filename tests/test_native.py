@@ -287,3 +287,150 @@ def test_all_values_read_in_place_give_the_copied_values_result(layout, affine):
     y = both(lambda: grid_transport(x, None, q_ref, 40, axis, affine=ab))
     with native.disabled():
         same_bits(y, grid_transport(x, copied, q_ref, 40, axis, affine=ab))
+
+
+# ---- the fit's kernels: the sketch's sort, merge and compression, the channel extremes ----
+
+def test_sort_rows_gives_torch_sort_values_or_declines_where_ties_could_differ():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 1), (3, 2), (5, 4096), (2, 9000)]:
+        x = messy(g, shape, ties=True, nonfinite=False, outliers=True) + 0.125  # no +0.0
+        x.view(-1)[:3] = torch.tensor([float("inf"), -float("inf"), -0.0])[:x.numel()]
+        same_bits(native.sort_rows(x), x.sort(dim=1).values)
+    assert native.sort_rows(torch.empty(3, 0)).shape == (3, 0)
+    with_nan = torch.tensor([[1.0, float("nan"), 0.5]])
+    assert native.sort_rows(with_nan) is None
+    both_zeros = torch.tensor([[0.0, 1.0, -0.0]])
+    assert native.sort_rows(both_zeros) is None
+    same_bits(native.sort_rows(-both_zeros.abs()), torch.tensor([[-1.0, -0.0, -0.0]]))
+
+
+def summary(g, c, s, ties, mass):
+    values = messy(g, (c, s), ties=ties, nonfinite=False, outliers=False) + 0.125  # no ±0 ties
+    values = values.sort(dim=1).values
+    return values, torch.full_like(values, mass)
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5), st.integers(1, 300), st.integers(1, 300),
+       st.booleans(), st.sampled_from([(1.5, 1.5), (1.5, 2.0), (0.1, 0.1)]))
+def test_merge_rows_is_the_sorted_concatenation_or_declines(seed, c, sa, sb, ties, masses):
+    from torch_dmc.sketch import _merge, _Summary
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = _Summary(*summary(g, c, sa, ties, masses[0])), _Summary(*summary(g, c, sb, ties, masses[1]))
+    merged = both(lambda: (lambda s: (s.values, s.masses))(_merge(a, b)))
+    direct = native.merge_rows(a.values, a.masses, b.values, b.masses)
+    tied_unequal = bool(torch.isin(a.values, b.values).any()) and masses[0] != masses[1]
+    if tied_unequal:  # torch's unstable sort decides the masses' order: the kernel declines
+        assert direct is None
+    else:
+        assert direct is not None
+        same_bits(direct[0], merged[0])
+        same_bits(direct[1], merged[1])
+
+
+def test_merge_rows_declines_unsorted_rows_nan_and_mixed_zeros():
+    one = torch.ones(1, 2)
+    assert native.merge_rows(torch.tensor([[2.0, 1.0]]), one, torch.tensor([[0.0, 3.0]]), one) is None
+    assert native.merge_rows(torch.tensor([[0.0, float("nan")]]), one, one, one) is None
+    assert native.merge_rows(torch.tensor([[-0.0, 1.0]]), one, torch.tensor([[0.0, 2.0]]), one) is None
+    with pytest.raises(RuntimeError, match="masses must have"):
+        native.merge_rows(one, torch.ones(1, 3), one, one)
+
+
+@settings(max_examples=40)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 4), st.integers(2, 500), st.integers(2, 300),
+       st.sampled_from(["equal", "random", "signed"]))
+def test_compress_rows_reads_the_midpoint_cdf_as_torch_does(seed, c, s, capacity, masses):
+    from torch_dmc.sketch import _compress, _Summary
+
+    g = torch.Generator().manual_seed(seed)
+    values = messy(g, (c, s), ties=True, nonfinite=False, outliers=True).sort(dim=1).values
+    m = {"equal": torch.full((c, s), 3.0), "random": torch.rand(c, s, generator=g) + 0.01,
+         # not increasing cumulative masses: the kernel takes torch's binary search, step for step
+         "signed": torch.randn(c, s, generator=g)}[masses]
+    s_ = _Summary(values, m)
+    both(lambda: (lambda r: (r.values, r.masses))(_compress(s_, capacity)))
+
+
+@pytest.mark.parametrize("shape,axis,channels_last", [
+    ((4, 3, 5, 6), 1, False), ((4, 3, 5, 6), 1, True), ((4, 5, 6, 3), 3, False), ((7, 3), 1, False),
+    ((2, 9, 3), 2, False), ((3, 4, 20), 0, False), ((2, 3, 1, 1), 1, False)])
+def test_channel_extremes_are_amin_and_amax(shape, axis, channels_last):
+    from torch_dmc import sketch
+    from torch_dmc.sketch import channel_extremes
+
+    g = torch.Generator().manual_seed(1)
+    x = messy(g, shape, ties=True, nonfinite=False, outliers=True) + 0.125  # no zero extreme
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    lo, hi = both(lambda: channel_extremes(x, axis))
+    other = [d for d in range(x.dim()) if d != axis]
+    same_bits(lo, x.amin(dim=other))
+    same_bits(hi, x.amax(dim=other))
+    declined = []
+    positive = x.abs()
+    for y in [x, x, positive, -positive]:  # a NaN, an infinity, a zero minimum, a zero maximum
+        y = y.clone()
+        y[(0,) * y.dim()] = [float("nan"), float("inf"), 0.0, -0.0][len(declined)]
+        calls = []
+        with pytest.MonkeyPatch.context() as patch:  # the kernel is asked, and declines
+            patch.setattr(sketch, "kernel_channel_extremes",
+                          lambda *a, calls=calls: calls.append(native.channel_extremes(*a)) or calls[-1])
+            both(lambda y=y: channel_extremes(y, axis))
+        declined.append(calls[0])
+    assert declined == [None] * 4
+    with pytest.MonkeyPatch.context() as patch:  # and takes the good one
+        patch.setattr(sketch, "kernel_channel_extremes", lambda *a: calls.append(a) or None)
+        calls = []
+        channel_extremes(x, axis)
+        assert len(calls) == 1
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fit_writes_the_same_statistics_with_the_kernels(per_sample):
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 4, 3, padding=1), nn.GroupNorm(2, 4)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1, generator=g)
+    x = torch.randn(70, 2, 9, 9, generator=g)
+    x[:, :, :3] = 0.5  # constant pixels: many exactly equal activations
+    batches = list(x.split(16))  # a partial last batch: other masses
+    kw = dict(progress=False, samples_per_batch=64, capacity=128, levels=33, per_sample=per_sample)
+    fast = fit(model, batches, **kw)
+    with native.disabled():
+        slow = fit(model, batches, **kw)
+    for name in fast.sites:
+        same_bits(fast.quantiles[name], slow.quantiles[name])
+        if per_sample:
+            same_bits(fast.per_sample[name], slow.per_sample[name])
+
+
+@settings(max_examples=30)
+@given(cases, st.integers(1, 5), st.integers(1, 6), st.integers(2, 300), st.integers(2, 80))
+def test_summed_quantiles_are_torchs_sum_of_the_tables(case, samples, c, p, levels):
+    seed, ties, _, outliers = case
+    g = torch.Generator().manual_seed(seed)
+    rows = messy(g, (samples * c, p), ties=ties, nonfinite=False, outliers=outliers) + 0.125
+    total = both(lambda: transport.summed_quantiles(rows, samples, levels))
+    table = transport.empirical_quantiles(rows, levels).view(samples, c, levels)
+    same_bits(total, table.sum(dim=0, dtype=torch.float64))
+
+
+def test_sample_table_sum_declines_sums_that_could_round():
+    from torch_dmc.transport import _read_positions
+
+    lo, hi, frac = (t[0] for t in _read_positions(torch.tensor([[3]]), 5))
+    exact = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # 2 samples of 1 channel
+    assert native.sample_table_sum(exact, 2, lo, hi, frac) is not None
+    rounding = torch.tensor([[1.0, 2.0, 3.0], [2.0**-60, 5.0, 6.0]])  # 1 + 2^-60 rounds in float64
+    assert native.sample_table_sum(rounding, 2, lo, hi, frac) is None
+    assert native.sample_table_sum(exact.neg().clamp_max(-0.0) * 0, 2, lo, hi, frac) is None  # -0.0
+    assert native.sample_table_sum(exact.clone().index_fill_(1, torch.tensor([0]), float("nan")),
+                                   2, lo, hi, frac) is None
+    for rows in [exact, rounding]:  # the general path gives the same sum either way
+        both(lambda rows=rows: transport.summed_quantiles(rows, 2, 5))
+    with pytest.raises(RuntimeError, match="must lie in"):
+        native.sample_table_sum(exact, 2, lo + 3, hi, frac)

@@ -29,9 +29,9 @@ from .sites import (
     select_sites,
     site_fingerprint,
 )
-from .sketch import QuantileSketch
+from .sketch import QuantileSketch, channel_extremes
 from .stats_io import ReferenceStats
-from .transport import all_finite, empirical_quantiles
+from .transport import summed_quantiles
 
 __all__ = ["SiteObserver", "FitPart", "fit", "fit_part", "batch_input", "per_sample_rows"]
 
@@ -129,8 +129,10 @@ class SiteObserver:
         output = output.detach()
         if output.numel() == 0:
             return
-        if not all_finite(output):
-            output = self._drop_nonfinite(output, axis, batch_index)
+        # amin and amax propagate NaN and ±inf: both finite exactly when every value is
+        extremes = channel_extremes(output, axis)
+        if not bool(torch.isfinite(torch.stack(extremes)).all()):
+            output, extremes = self._drop_nonfinite(output, axis, batch_index), None
             if output.shape[0] == 0:
                 return
         if self.sketch is None:
@@ -141,13 +143,12 @@ class SiteObserver:
             raise ValueError(f"site {self.name!r}: batch {batch_index} has {output.shape[axis]} "
                              f"channels on axis {self.channel_axis}, earlier batches had "
                              f"{self.sketch.channels} (output shape {tuple(output.shape)})")
-        self.sketch.update_activation(output, axis)
+        self.sketch.update_activation(output, axis, extremes=extremes)
         if self.per_sample:
             rows = per_sample_rows(output, axis, self.per_sample_images, self.sample_generator)
             if rows is not None:
                 b = rows.shape[0] // output.shape[axis]
-                table = empirical_quantiles(rows, self.levels).view(b, -1, self.levels)
-                table = table.sum(dim=0, dtype=torch.float64)
+                table = summed_quantiles(rows, b, self.levels)
                 self.sample_sum = table if self.sample_sum is None else self.sample_sum + table
                 self.sample_count += b
 

@@ -220,3 +220,87 @@ def grid_site(x: Tensor, values: Tensor | None, q_ref: Tensor, size: int, axis: 
     out, done = kernels().grid_site(x, values, q_ref, size, axis, a, b, outlier_level,
                                     outlier_margin, refinements, _state["fused"])
     return out if done else None
+
+
+def sort_rows(values: Tensor) -> Tensor | None:
+    """Each row of ``values`` sorted, as ``values.sort(dim=1).values`` gives it (a radix sort of
+    the float32 bits), or ``None`` where torch's order of equal values could differ: a row with a
+    NaN, or with zeros of both signs (the caller then sorts with torch).
+
+    Args:
+        values: ``C×N`` float32.
+
+    Returns:
+        A new ``C×N`` tensor, or ``None``.
+    """
+    out, ok = kernels().sort_rows(values)
+    return out if ok else None
+
+
+def merge_rows(a_values: Tensor, a_masses: Tensor, b_values: Tensor,
+               b_masses: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Two weighted summaries merged row by row in one pass: the values of
+    ``torch.cat([a_values, b_values], 1).sort(1)`` and the masses in that order, or ``None``
+    where that order of equal values is not the only one (equal values with other bits or other
+    masses: torch's unstable sort could leave them otherwise) or a row is not ascending.
+
+    Args:
+        a_values, a_masses: ``C×Sa`` float32, each values row non-decreasing.
+        b_values, b_masses: ``C×Sb`` float32, likewise.
+
+    Returns:
+        ``(values, masses)``, each a new ``C×(Sa+Sb)`` tensor, or ``None``.
+    """
+    values, masses, ok = kernels().merge_rows(a_values, a_masses, b_values, b_masses)
+    return (values, masses) if ok else None
+
+
+def compress_rows(values: Tensor, masses: Tensor, levels: Tensor) -> Tensor:
+    """Each summary row read at ``levels`` of its mass-weighted midpoint CDF:
+    `torch_dmc.sketch`'s compression (cumulative masses, the midpoint levels, the interpolation)
+    in one pass per row, with a linear walk where torch does a binary search per level.
+
+    Args:
+        values: ``C×S`` float32, ``S >= 2``; masses: ``C×S`` float32.
+        levels: ``L`` float32.
+
+    Returns:
+        A new ``C×L`` tensor.
+    """
+    return kernels().compress_rows(values, masses, levels, _state["fused"])
+
+
+def channel_extremes(x: Tensor, axis: int) -> tuple[Tensor, Tensor] | None:
+    """Per-channel minimum and maximum of a contiguous activation in one pass (``amin`` and
+    ``amax`` over every axis but ``axis``), or ``None`` where a value is not finite or an extreme
+    is zero (which zero torch's reductions return, -0.0 or +0.0, depends on their order).
+
+    Args:
+        x: contiguous float32, ``C`` channels on ``axis`` (``0 <= axis < x.dim()``).
+
+    Returns:
+        ``(minimum, maximum)``, each ``C`` float32, or ``None``.
+    """
+    lo, hi, ok = kernels().channel_extremes(x, axis)
+    return (lo, hi) if ok else None
+
+
+def sample_table_sum(rows: Tensor, samples: int, lo: Tensor, hi: Tensor,
+                     frac: Tensor) -> Tensor | None:
+    """The per-sample reference's sum in one pass: each row sorted and read at the shared
+    positions of `torch_dmc.transport.empirical_quantiles` (``lerp(v[lo], v[hi], frac)``), the
+    ``samples`` tables summed per channel in float64. ``None`` where that sum could depend on its
+    order (the kernel checks that every partial sum is exact: values on one grid of the smallest
+    ulp among them, their absolute sum below ``2^52`` of it), a table holds -0.0, or a row has a
+    non-finite value or zeros of both signs.
+
+    Args:
+        rows: ``(samples·C)×P`` float32, ordered (sample, channel).
+        samples: ``B >= 1``.
+        lo, hi: ``K`` int64 in ``[0, P)``; frac: ``K`` float32.
+
+    Returns:
+        ``C×K`` float64, or ``None``.
+    """
+    total, ok = kernels().sample_table_sum(rows, samples, lo, hi, frac, _state["fused"])
+    return total if ok else None

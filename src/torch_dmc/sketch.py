@@ -31,8 +31,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .native import available_for, compress_rows, merge_rows, sort_rows
+from .native import channel_extremes as kernel_channel_extremes
+
 __all__ = ["QuantileSketch", "rank_error_bound", "sample_channel_values", "sample_positions",
-           "gather_positions"]
+           "gather_positions", "channel_extremes"]
 
 
 def rank_error_bound(total_values: int, kept_values: int, batches: int, capacity: int,
@@ -121,6 +124,10 @@ class _Summary:
 
 
 def _merge(a: _Summary, b: _Summary) -> _Summary:
+    if available_for(a.values, a.masses, b.values, b.masses):
+        merged = merge_rows(a.values, a.masses, b.values, b.masses)
+        if merged is not None:  # one pass instead of a sort: the same points, bit for bit
+            return _Summary(*merged)
     values, order = torch.cat([a.values, b.values], dim=1).sort(dim=1)
     masses = torch.cat([a.masses, b.masses], dim=1).gather(1, order)
     return _Summary(values, masses)
@@ -138,7 +145,10 @@ def _compress(s: _Summary, capacity: int) -> _Summary:
         return s
     c = s.values.shape[0]
     levels = (torch.arange(capacity, dtype=s.masses.dtype, device=s.values.device) + 0.5) / capacity
-    values = _interp_rows(_midpoint_cdf(s), s.values, levels.expand(c, -1))
+    if available_for(s.values, s.masses, levels):
+        values = compress_rows(s.values, s.masses, levels)  # the same values, one pass
+    else:
+        values = _interp_rows(_midpoint_cdf(s), s.values, levels.expand(c, -1))
     masses = (s.weight / capacity).unsqueeze(1).expand(c, capacity).contiguous()
     return _Summary(values, masses)
 
@@ -204,8 +214,12 @@ class QuantileSketch:
             raise ValueError(f"expected C×N values with C={self.channels}, found {tuple(x.shape)}")
         self._add(x, x.shape[1], x.amin(dim=1), x.amax(dim=1), sample=True, owned=False)
 
-    def update_activation(self, act: Tensor, channel_axis: int) -> None:
-        """Add a raw activation (any shape, channels on ``channel_axis``) without transposing it."""
+    def update_activation(self, act: Tensor, channel_axis: int, *,
+                          extremes: tuple[Tensor, Tensor] | None = None) -> None:
+        """Add a raw activation (any shape, channels on ``channel_axis``) without transposing it.
+
+        ``extremes``: its `channel_extremes`, where the caller has them already (not recomputed).
+        """
         c = act.shape[channel_axis]
         if c != self.channels:
             raise ValueError(
@@ -213,7 +227,7 @@ class QuantileSketch:
                 f"{tuple(act.shape)}")
         n = act.numel() // c
         act = act.detach()
-        lo, hi = _channel_extremes(act, channel_axis % act.dim())
+        lo, hi = extremes if extremes is not None else channel_extremes(act, channel_axis)
         m = n if self.samples_per_batch is None else min(n, self.samples_per_batch)
         if m < n:
             values, owned = sample_channel_values(act, channel_axis, m, self.generator), True
@@ -246,9 +260,17 @@ class QuantileSketch:
         if not self._buffer:
             return
         values = torch.cat([v for v, _ in self._buffer], dim=1)
-        masses = torch.cat([torch.full_like(v, w) for v, w in self._buffer], dim=1)
-        values, order = values.sort(dim=1)
-        summary = _Summary(values, masses.gather(1, order))
+        summary = None
+        mass = self._buffer[0][1]
+        if all(w == mass for _, w in self._buffer) and available_for(values):
+            # one mass for all: the masses' order does not matter, only the sorted values do
+            ordered = sort_rows(values)
+            if ordered is not None:
+                summary = _Summary(ordered, torch.full_like(ordered, mass))
+        if summary is None:
+            masses = torch.cat([torch.full_like(v, w) for v, w in self._buffer], dim=1)
+            values, order = values.sort(dim=1)
+            summary = _Summary(values, masses.gather(1, order))
         self._buffer, self._buffered = [], 0
         self._insert(_compress(summary, self.capacity), height=0)
 
@@ -321,13 +343,25 @@ class QuantileSketch:
         return q.cummax(dim=1).values  # guard against rounding: a quantile table never decreases
 
 
-def _channel_extremes(act: Tensor, axis: int) -> tuple[Tensor, Tensor]:
-    """Per-channel minimum and maximum of an activation (``C`` each).
+def channel_extremes(act: Tensor, channel_axis: int) -> tuple[Tensor, Tensor]:
+    """Per-channel minimum and maximum of an activation (``C`` each; NaN where a channel has one).
 
-    Reduced in two steps over a view where the memory order allows (``N×C×…`` contiguous:
-    ``N×C×P`` over ``P`` then ``N``; channels last in memory: ``R×C`` over ``R``), which CPU
-    kernels do many times faster than one reduction over all the other axes; the same values.
+    A compiled kernel reads a contiguous CPU float32 activation once for both (`torch_dmc.native`;
+    the same values). Otherwise reduced in two steps over a view where the memory order allows
+    (``N×C×…`` contiguous: ``N×C×P`` over ``P`` then ``N``; channels last in memory: ``R×C`` over
+    ``R``), which CPU kernels do many times faster than one reduction over all the other axes;
+    the same values.
     """
+    axis = channel_axis % act.dim()
+    if available_for(act):
+        if act.is_contiguous():
+            extremes = kernel_channel_extremes(act, axis)
+        elif act.dim() == 4 and axis == 1 and act.permute(0, 2, 3, 1).is_contiguous():
+            extremes = kernel_channel_extremes(act.permute(0, 2, 3, 1), 3)  # channels last
+        else:
+            extremes = None
+        if extremes is not None:
+            return extremes
     c = act.shape[axis]
     if act.dim() > 2 and axis == 1 and act.is_contiguous():
         view = act.view(act.shape[0], c, -1)

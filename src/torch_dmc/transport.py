@@ -39,7 +39,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from .native import available_for, fits, grid_site, histogram_counts, table_lookup
+from .native import available_for, fits, grid_site, histogram_counts, sample_table_sum, table_lookup
 
 __all__ = [
     "OUTLIER_LEVEL",
@@ -54,6 +54,7 @@ __all__ = [
     "transport_exact_columns",
     "wasserstein1",
     "empirical_quantiles",
+    "summed_quantiles",
     "quantile_cdf",
     "transport_quantiles",
     "Lut",
@@ -310,21 +311,51 @@ def empirical_quantiles(x: Tensor, levels: int) -> Tensor:
     if levels < 2:
         raise ValueError(f"levels must be at least 2 (both endpoints), found {levels}")
     v, _, _, n = _finite_sorted(x.float())
-    t = torch.linspace(0, 1, levels, device=x.device)
     # every row has all N values: the read positions are the same for every row, so compute them
-    # once (1×K, the same arithmetic as below) and read the rows with index_select
+    # once (1×K, the same arithmetic as for R×K) and read the rows with index_select
     shared = x.shape[0] > 1 and x.shape[1] > 0 and bool(n.min() == x.shape[1])
     if shared:
-        n = n[:1]
+        lo, hi, frac = _read_positions(n[:1], levels)
+        return torch.lerp(v.index_select(1, lo[0]), v.index_select(1, hi[0]), frac)
+    lo, hi, frac = _read_positions(n, levels)
+    q = torch.lerp(v.gather(1, lo), v.gather(1, hi), frac)
+    return q if n.min() > 0 else q.masked_fill(n == 0, float("nan"))
+
+
+def _read_positions(n: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Where `empirical_quantiles` reads rows of ``n`` sorted values (``R×1`` int64): the ``R×K``
+    indices below and above each level's position among the midpoints, and the fraction between."""
+    t = torch.linspace(0, 1, levels, device=n.device)
     top = (n - 1).clamp_min(0)
     pos = torch.minimum((t * n - 0.5).clamp_min(0), top)  # index of level t among the midpoints
     lo = torch.minimum(pos.floor().long(), (n - 2).clamp_min(0))
     hi = torch.minimum(lo + 1, top)
-    frac = (pos - lo).clamp(0, 1)
-    if shared:
-        return torch.lerp(v.index_select(1, lo[0]), v.index_select(1, hi[0]), frac)
-    q = torch.lerp(v.gather(1, lo), v.gather(1, hi), frac)
-    return q if n.min() > 0 else q.masked_fill(n == 0, float("nan"))
+    return lo, hi, (pos - lo).clamp(0, 1)
+
+
+def summed_quantiles(rows: Tensor, samples: int, levels: int) -> Tensor:
+    """The sum over samples of their `empirical_quantiles` tables, in float64: the per-sample
+    reference's running sum (docs/method.md § Per-sample reference).
+
+    A compiled kernel sorts and reads each row and sums the tables in one pass where it can show
+    the sum is exact (then it is torch's sum, bit for bit; `torch_dmc.native.sample_table_sum`).
+
+    Args:
+        rows: ``(samples·C)×P`` values, ordered (sample, channel), all finite.
+        samples: ``B``, the number of tables.
+        levels: ``K >= 2``.
+
+    Returns:
+        ``C×K`` float64.
+    """
+    _check_matrix(rows, "rows")
+    if available_for(rows) and fits(rows.shape[0], values=rows.shape[1]):
+        lo, hi, frac = _read_positions(torch.tensor([[rows.shape[1]]]), levels)
+        total = sample_table_sum(rows, samples, lo[0], hi[0], frac[0])
+        if total is not None:
+            return total
+    table = empirical_quantiles(rows, levels).view(samples, -1, levels)
+    return table.sum(dim=0, dtype=torch.float64)
 
 
 def quantile_cdf(q: Tensor, x: Tensor) -> Tensor:

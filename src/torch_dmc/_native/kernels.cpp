@@ -615,6 +615,406 @@ at::Tensor take(const at::Tensor& flat, const at::Tensor& offsets) {
   return out;
 }
 
+
+// ---- the fit's quantile sketch (src/torch_dmc/sketch.py): sort, merge, compress ----
+//
+// torch.sort is not stable: equal values keep no particular order, and the masses that follow the
+// values (gathered by the sort's indices) then come in the order it happened to leave them. The
+// sketch's results are the same for any order of equal values exactly when those values have the
+// same bits (no -0.0 beside +0.0) and the same masses; the kernels below check that, and say so
+// where it does not hold (the caller then runs torch.sort itself). Otherwise the sorted values and
+// their masses are what torch.sort gives, bit for bit.
+
+inline uint32_t float_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b;
+}
+
+// An unsigned key in the order of the floats (-0.0 just below +0.0), and back.
+inline uint32_t order_key(float v) {
+  const uint32_t b = float_bits(v);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+inline float from_order_key(uint32_t k) {
+  const uint32_t b = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+  float v;
+  std::memcpy(&v, &b, 4);
+  return v;
+}
+
+// The order keys of a row of n values; false where torch.sort could order the row otherwise than
+// any other sort: a NaN, or zeros of both signs (equal, with other bits).
+inline bool row_keys(const float* in, int64_t n, uint32_t* keys) {
+  bool nan = false, negative_zero = false, positive_zero = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = float_bits(in[i]);
+    nan |= (b & 0x7fffffffu) > 0x7f800000u;
+    negative_zero |= b == 0x80000000u;
+    positive_zero |= b == 0u;
+    keys[i] = order_key(in[i]);
+  }
+  return !nan && !(negative_zero && positive_zero);
+}
+
+// n keys sorted by a least-significant-digit radix sort of kBits-bit digits, between keys and
+// swap; returns the one that holds them. count: scratch.
+template <int kBits>
+uint32_t* radix_sort(uint32_t* keys, uint32_t* swap, int64_t n, std::vector<int64_t>& count) {
+  constexpr int kPasses = (32 + kBits - 1) / kBits;
+  constexpr uint32_t kMask = (uint32_t{1} << kBits) - 1;
+  count.assign(static_cast<size_t>(kPasses) << kBits, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int pass = 0; pass < kPasses; ++pass) ++count[(pass << kBits) + ((keys[i] >> (pass * kBits)) & kMask)];
+  }
+  uint32_t* from = keys;
+  uint32_t* to = swap;
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const int shift = pass * kBits;
+    int64_t* c = count.data() + (static_cast<int64_t>(pass) << kBits);
+    if (c[(from[0] >> shift) & kMask] == n) continue;  // one digit for all: already in order
+    int64_t start = 0;
+    for (uint32_t d = 0; d <= kMask; ++d) {
+      const int64_t here = c[d];
+      c[d] = start;
+      start += here;
+    }
+    for (int64_t i = 0; i < n; ++i) to[c[(from[i] >> shift) & kMask]++] = from[i];
+    std::swap(from, to);
+  }
+  return from;
+}
+
+// One row of n values sorted into out (the values torch.sort gives: any sort gives them where
+// row_keys holds), or false, with out unset. keys, swap: n scratch keys each.
+bool sort_row(const float* in, float* out, int64_t n, uint32_t* keys, uint32_t* swap,
+              std::vector<int64_t>& count) {
+  if (!row_keys(in, n, keys)) return false;
+  const uint32_t* sorted = keys;
+  if (n <= 64) {
+    std::sort(keys, keys + n);
+  } else if (n < 4096) {
+    sorted = radix_sort<8>(keys, swap, n, count);
+  } else {
+    sorted = radix_sort<11>(keys, swap, n, count);
+  }
+  for (int64_t i = 0; i < n; ++i) out[i] = from_order_key(sorted[i]);
+  return true;
+}
+
+// Each row of values (C x n) sorted, as torch.sort(dim=1) gives its values; ok = false where a
+// row could come out otherwise (see sort_row: the caller sorts with torch then).
+std::tuple<at::Tensor, bool> sort_rows(const at::Tensor& values) {
+  check_float_cpu(values, "values", 2);
+  const auto v = values.contiguous();
+  const int64_t rows = v.size(0), n = v.size(1);
+  auto out = at::empty({rows, n}, v.options());
+  if (n == 0) return {out, true};
+  const float* in = v.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  std::vector<char> ok(rows, 1);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> keys(n), swap(n);
+    std::vector<int64_t> count;
+    for (int64_t r = begin; r < end; ++r) {
+      ok[r] = sort_row(in + r * n, dst + r * n, n, keys.data(), swap.data(), count);
+    }
+  });
+  return {out, std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; })};
+}
+
+// Whether v[0:n] is non-decreasing without a NaN.
+inline bool ascending(const float* v, int64_t n) {
+  bool ok = n == 0 || v[0] == v[0];
+  for (int64_t i = 1; i < n; ++i) ok &= v[i - 1] <= v[i];
+  return ok;
+}
+
+// Two summaries' rows merged (sketch._merge): the values of torch.cat([a, b], 1).sort(1) and
+// their masses in that order. ok = false where that order is not the only one (equal values with
+// other bits or other masses), or an input row is not ascending: the caller sorts with torch.
+std::tuple<at::Tensor, at::Tensor, bool> merge_rows(const at::Tensor& a_values, const at::Tensor& a_masses,
+                                                    const at::Tensor& b_values, const at::Tensor& b_masses) {
+  check_float_cpu(a_values, "a_values", 2);
+  check_float_cpu(a_masses, "a_masses", 2);
+  check_float_cpu(b_values, "b_values", 2);
+  check_float_cpu(b_masses, "b_masses", 2);
+  TORCH_CHECK(a_masses.sizes() == a_values.sizes() && b_masses.sizes() == b_values.sizes() &&
+                  a_values.size(0) == b_values.size(0),
+              "merge_rows: masses must have their values' shape, and a and b as many rows");
+  const auto av = a_values.contiguous(), am = a_masses.contiguous();
+  const auto bv = b_values.contiguous(), bm = b_masses.contiguous();
+  const int64_t rows = av.size(0), na = av.size(1), nb = bv.size(1), n = na + nb;
+  auto values = at::empty({rows, n}, av.options());
+  auto masses = at::empty({rows, n}, av.options());
+  const float *pav = av.data_ptr<float>(), *pam = am.data_ptr<float>();
+  const float *pbv = bv.data_ptr<float>(), *pbm = bm.data_ptr<float>();
+  float *pv = values.data_ptr<float>(), *pm = masses.data_ptr<float>();
+  std::vector<char> ok(rows, 1);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float *x = pav + r * na, *xm = pam + r * na, *y = pbv + r * nb, *ym = pbm + r * nb;
+      if (!ascending(x, na) || !ascending(y, nb)) {
+        ok[r] = 0;
+        continue;
+      }
+      float *v = pv + r * n, *m = pm + r * n;
+      int64_t i = 0, j = 0, k = 0;
+      while (i < na && j < nb) {
+        const bool take_b = y[j] < x[i];
+        v[k] = take_b ? y[j] : x[i];
+        m[k] = take_b ? ym[j] : xm[i];
+        i += !take_b;
+        j += take_b;
+        ++k;
+      }
+      for (; i < na; ++i, ++k) v[k] = x[i], m[k] = xm[i];
+      for (; j < nb; ++j, ++k) v[k] = y[j], m[k] = ym[j];
+      bool unique = true;  // every run of equal values has one bit pattern and one mass
+      for (int64_t t = 1; t < n; ++t) {
+        unique &= !(v[t] == v[t - 1]) ||
+                  (float_bits(v[t]) == float_bits(v[t - 1]) && float_bits(m[t]) == float_bits(m[t - 1]));
+      }
+      ok[r] = unique;
+    }
+  });
+  return {values, masses, std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; })};
+}
+
+// torch.searchsorted(side="left")'s binary search, step for step (any input, sorted or not).
+inline int64_t torch_lower_bound(const float* v, int64_t n, float t) {
+  int64_t start = 0, end = n;
+  while (start < end) {
+    const int64_t mid = start + ((end - start) >> 1);
+    if (!(v[mid] >= t)) {
+      start = mid + 1;
+    } else {
+      end = mid;
+    }
+  }
+  return start;
+}
+
+// One summary row (values, masses: s points, s >= 2) read at `levels` of its midpoint CDF
+// (sketch._compress: _interp_rows(_midpoint_cdf(s), values, levels)) into out; mid: s scratch.
+template <bool kFused>
+void compress_row(const float* v, const float* m, int64_t s, const float* levels, int64_t count,
+                  bool levels_ascending, float* mid, float* out) {
+  double sum = 0;  // torch.cumsum accumulates in double, rounding each partial sum to float32
+  for (int64_t i = 0; i < s; ++i) {
+    sum += m[i];
+    mid[i] = static_cast<float>(sum);
+  }
+  const float total = mid[s - 1];
+  for (int64_t i = 0; i < s; ++i) mid[i] = (mid[i] - m[i] / 2.0f) / total;
+  const bool walk = levels_ascending && ascending(mid, s);  // else torch's binary search
+  int64_t j = 0;
+  for (int64_t l = 0; l < count; ++l) {
+    const float t = levels[l];
+    int64_t hi;
+    if (walk) {
+      while (j < s && mid[j] < t) ++j;
+      hi = j;
+    } else {
+      hi = torch_lower_bound(mid, s, t);
+    }
+    hi = std::min<int64_t>(std::max<int64_t>(hi, 1), s - 1);
+    const float x0 = mid[hi - 1], x1 = mid[hi];
+    const float frac = std::min(std::max((t - x0) / std::max(x1 - x0, 1e-12f), 0.0f), 1.0f);
+    out[l] = lerp<kFused>(v[hi - 1], v[hi], frac);
+  }
+}
+
+// Each row of a summary (values, masses: C x S, S >= 2) read at the levels (L) of its midpoint
+// CDF: sketch._compress's values, C x L.
+at::Tensor compress_rows(const at::Tensor& values, const at::Tensor& masses, const at::Tensor& levels,
+                         bool fused) {
+  check_float_cpu(values, "values", 2);
+  check_float_cpu(masses, "masses", 2);
+  check_float_cpu(levels, "levels", 1);
+  TORCH_CHECK(masses.sizes() == values.sizes(), "compress_rows: masses must have the values' shape");
+  TORCH_CHECK(values.size(1) >= 2, "compress_rows: needs at least 2 points per row, found ",
+              values.size(1));
+  const auto v = values.contiguous(), m = masses.contiguous(), l = levels.contiguous();
+  const int64_t rows = v.size(0), s = v.size(1), count = l.size(0);
+  auto out = at::empty({rows, count}, v.options());
+  const float *pv = v.data_ptr<float>(), *pm = m.data_ptr<float>(), *pl = l.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  const bool levels_ascending = ascending(pl, count);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mid(s);
+    for (int64_t r = begin; r < end; ++r) {
+      if (fused) {
+        compress_row<true>(pv + r * s, pm + r * s, s, pl, count, levels_ascending, mid.data(), po + r * count);
+      } else {
+        compress_row<false>(pv + r * s, pm + r * s, s, pl, count, levels_ascending, mid.data(), po + r * count);
+      }
+    }
+  });
+  return out;
+}
+
+
+// Per-channel minimum and maximum of a contiguous activation (C channels on `axis`), in one
+// pass: sketch.channel_extremes's amin and amax. ok = false where a value is not finite (amin
+// and amax then propagate a NaN) or an extreme is zero (which of -0.0 and +0.0 torch's reduction
+// returns depends on its order): the caller reduces with torch then.
+std::tuple<at::Tensor, at::Tensor, bool> channel_extremes(const at::Tensor& x, int64_t axis) {
+  check_float_cpu(x, "x", x.dim());
+  TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
+  TORCH_CHECK(axis >= 0 && axis < x.dim(), "axis ", axis, " out of range for ", x.dim(), " dimensions");
+  const int64_t c = x.size(axis);
+  const auto [outer, inner] = outer_inner(x, axis);
+  auto lo = at::empty({c}, x.options()), hi = at::empty({c}, x.options());
+  float *plo = lo.data_ptr<float>(), *phi = hi.data_ptr<float>();
+  const float* px = x.data_ptr<float>();
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  std::vector<char> ok(c, 1);
+  if (c == 0 || outer * inner == 0) return {lo, hi, c == 0};
+  if (inner > 1) {  // each channel: outer runs of inner contiguous values
+    at::parallel_for(0, c, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ch = begin; ch < end; ++ch) {
+        float l = inf, h = -inf;
+        bool finite = true;
+        for (int64_t o = 0; o < outer && finite; ++o) {
+          float rl, rh;
+          finite = finite_range(px + (o * c + ch) * inner, 1, inner, rl, rh);
+          l = std::min(l, rl);
+          h = std::max(h, rh);
+        }
+        plo[ch] = l;
+        phi[ch] = h;
+        ok[ch] = finite && l != 0.0f && h != 0.0f;
+      }
+    });
+  } else {  // channels last: outer rows of c values, reduced per thread, then together
+    const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), outer));
+    std::vector<float> part_lo(threads * c, inf), part_hi(threads * c, -inf);
+    std::vector<char> part_ok(threads, 1);
+    const int64_t per = (outer + threads - 1) / threads;
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        float* l = part_lo.data() + t * c;
+        float* h = part_hi.data() + t * c;
+        bool finite = true;
+        for (int64_t o = t * per; o < std::min(outer, (t + 1) * per); ++o) {
+          const float* row = px + o * c;
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const float v = row[ch];
+            finite &= std::fabs(v) <= std::numeric_limits<float>::max();
+            l[ch] = std::min(l[ch], v);
+            h[ch] = std::max(h[ch], v);
+          }
+        }
+        part_ok[t] = finite;
+      }
+    });
+    const bool finite = std::all_of(part_ok.begin(), part_ok.end(), [](char v) { return v != 0; });
+    for (int64_t ch = 0; ch < c; ++ch) {
+      float l = inf, h = -inf;
+      for (int64_t t = 0; t < threads; ++t) {
+        l = std::min(l, part_lo[t * c + ch]);
+        h = std::max(h, part_hi[t * c + ch]);
+      }
+      plo[ch] = l;
+      phi[ch] = h;
+      ok[ch] = finite && l != 0.0f && h != 0.0f;
+    }
+  }
+  return {lo, hi, std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; })};
+}
+
+
+// The per-sample reference's sum (fit.SiteObserver.observe with per_sample): rows (B*C x P,
+// ordered sample, channel) each sorted and read at the K shared positions of
+// transport.empirical_quantiles (lerp(v[lo], v[hi], frac)), the B tables summed per channel in
+// double: C x K. That sum is exact here, so its order does not matter and it is the one
+// torch.sum(dim=0, dtype=float64) computes: every value is a multiple of the smallest ulp u among
+// them, and their absolute sum is below 2^52 u, so every partial sum, in any order, is exact.
+// ok = false where that does not hold, a table holds -0.0, or a row has a NaN, an infinity or zeros
+// of both signs.
+// One sample's table (a sorted row v read at the shared positions) added to the running sums:
+// sum and absolute (of |q|), smallest (nonzero |q|), negative_zero (a -0.0 seen), per level.
+template <bool kFused>
+void add_table(const float* __restrict v, const int32_t* __restrict lo, const int32_t* __restrict hi,
+               const float* __restrict frac, int64_t k, double* __restrict sum, double* __restrict absolute,
+               float* __restrict smallest, uint32_t* __restrict negative_zero) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < k; ++j) {
+    const float q = lerp<kFused>(v[lo[j]], v[hi[j]], frac[j]);
+    const float a = std::fabs(q);
+    sum[j] += q;
+    absolute[j] += a;
+    smallest[j] = std::min(smallest[j], a == 0.0f ? inf : a);
+    negative_zero[j] |= static_cast<uint32_t>(float_bits(q) == 0x80000000u);
+  }
+}
+
+std::tuple<at::Tensor, bool> sample_table_sum(const at::Tensor& rows, int64_t samples, const at::Tensor& lo,
+                                              const at::Tensor& hi, const at::Tensor& frac, bool fused) {
+  check_float_cpu(rows, "rows", 2);
+  check_float_cpu(frac, "frac", 1);
+  TORCH_CHECK(samples >= 1 && rows.size(0) % samples == 0, "rows (", rows.size(0),
+              ") must hold `samples` (", samples, ") tables of C rows");
+  TORCH_CHECK(lo.scalar_type() == at::kLong && hi.scalar_type() == at::kLong && lo.dim() == 1 &&
+                  lo.sizes() == hi.sizes() && lo.sizes() == frac.sizes(),
+              "lo, hi must be int64 and lo, hi, frac of one length K");
+  const auto x = rows.contiguous(), f = frac.contiguous();
+  const int64_t n = x.size(1), k = lo.size(0), channels = x.size(0) / samples;
+  TORCH_CHECK(n < (int64_t{1} << 31), "rows must have fewer than 2^31 values each");
+  const auto l = lo.contiguous(), h = hi.contiguous();
+  const int64_t *pl = l.data_ptr<int64_t>(), *ph = h.data_ptr<int64_t>();
+  std::vector<int32_t> below(k), above(k);
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t a = pl[j], b = ph[j];
+    TORCH_CHECK(a >= 0 && a < n && b >= 0 && b < n, "lo and hi must lie in [0, ", n, ")");
+    below[j] = static_cast<int32_t>(a);
+    above[j] = static_cast<int32_t>(b);
+  }
+  auto out = at::empty({channels, k}, x.options().dtype(at::kDouble));
+  const float* px = x.data_ptr<float>();
+  const float* pf = f.data_ptr<float>();
+  double* po = out.data_ptr<double>();
+  std::vector<char> ok(channels, 1);
+  at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> keys(n), swap(n);
+    std::vector<int64_t> count;
+    std::vector<float> v(n), smallest(k);
+    std::vector<double> absolute(k);
+    std::vector<uint32_t> negative_zero(k);
+    for (int64_t c = begin; c < end; ++c) {
+      double* sum = po + c * k;
+      std::fill(sum, sum + k, 0.0);
+      std::fill(absolute.begin(), absolute.end(), 0.0);
+      std::fill(smallest.begin(), smallest.end(), std::numeric_limits<float>::infinity());
+      std::fill(negative_zero.begin(), negative_zero.end(), 0u);
+      for (int64_t s = 0; s < samples && ok[c]; ++s) {
+        const float* row = px + (s * channels + c) * n;
+        bool finite = true;
+        for (int64_t i = 0; i < n; ++i) finite &= std::fabs(row[i]) <= std::numeric_limits<float>::max();
+        if (!finite || !sort_row(row, v.data(), n, keys.data(), swap.data(), count)) {
+          ok[c] = 0;
+        } else if (fused) {
+          add_table<true>(v.data(), below.data(), above.data(), pf, k, sum, absolute.data(), smallest.data(),
+                          negative_zero.data());
+        } else {
+          add_table<false>(v.data(), below.data(), above.data(), pf, k, sum, absolute.data(), smallest.data(),
+                           negative_zero.data());
+        }
+      }
+      // exact: every |q| a multiple of u = ulp(smallest nonzero |q|) = 2^(max(e, 1) - 150), and
+      // the absolute sum below 2^52 u; all zeros: exact too, unless one is -0.0
+      for (int64_t j = 0; j < k && ok[c]; ++j) {
+        const int e = static_cast<int>((float_bits(smallest[j]) >> 23) & 0xff);
+        ok[c] = !negative_zero[j] &&
+                (e == 255 || absolute[j] <= std::ldexp(1.0, std::max(e, 1) - 150 + 52));
+      }
+    }
+  });
+  return {out, std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; })};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torch_dmc, m) {
@@ -623,6 +1023,11 @@ TORCH_LIBRARY(torch_dmc, m) {
         "float outlier_level, float outlier_margin, int refinements, bool fused) -> (Tensor, bool)");
   m.def("take(Tensor flat, Tensor offsets) -> Tensor");
   m.def("lookup(Tensor x, Tensor image, Tensor scale, Tensor shift, int axis, Tensor? a, Tensor? b, bool fused) -> Tensor");
+  m.def("sort_rows(Tensor values) -> (Tensor, bool)");
+  m.def("sample_table_sum(Tensor rows, int samples, Tensor lo, Tensor hi, Tensor frac, bool fused) -> (Tensor, bool)");
+  m.def("channel_extremes(Tensor x, int axis) -> (Tensor, Tensor, bool)");
+  m.def("merge_rows(Tensor a_values, Tensor a_masses, Tensor b_values, Tensor b_masses) -> (Tensor, Tensor, bool)");
+  m.def("compress_rows(Tensor values, Tensor masses, Tensor levels, bool fused) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torch_dmc, CPU, m) {
@@ -630,4 +1035,9 @@ TORCH_LIBRARY_IMPL(torch_dmc, CPU, m) {
   m.impl("lookup", &lookup);
   m.impl("grid_site", &grid_site);
   m.impl("take", &take);
+  m.impl("sort_rows", &sort_rows);
+  m.impl("sample_table_sum", &sample_table_sum);
+  m.impl("channel_extremes", &channel_extremes);
+  m.impl("merge_rows", &merge_rows);
+  m.impl("compress_rows", &compress_rows);
 }
