@@ -5,10 +5,13 @@ The `dmc` method with default options (grid mode) on the shipped Fashion-MNIST R
 EfficientNet-Lite0 at 224² (batch 16 of sample-photo crops, as `dmc perf`), each against the plain
 forward, interleaved in one process (`torch_dmc.bench.perf.time_ratios`): with the kernels
 (`torch_dmc.native`) and inside `native.disabled()` (PyTorch operators). Also checks that both give
-the same logits, bit for bit. Runs against whichever ``torch_dmc`` is importable, so the same
-script measures older commits (``PYTHONPATH=<checkout>/src``).
+the same logits, bit for bit. With ``--fit-images N``, also `fit` and `fit(per_sample=True)` over
+the first N training images (batches of 200) against one plain pass over them, with and without
+the kernels, and whether both write the same statistics. Runs against whichever ``torch_dmc`` is
+importable, so the same script measures older commits (``PYTHONPATH=<checkout>/src``).
 
     python benchmarks/kernels_speed.py --threads 2 [--repeats 9] [--skip-efficientnet]
+                                       [--fit-images 4000] [--skip-forward]
 """
 
 from __future__ import annotations
@@ -44,17 +47,57 @@ def _line(name: str, model: torch.nn.Module, corrected: torch.nn.Module, x: torc
     return f"{name:<28} plain {r['kernels']['plain_ms']:7.1f} ms  {cells}  same logits: {same}"
 
 
+def _fit_lines(x: torch.Tensor, repeats: int) -> list[str]:
+    model = _load_model(None)
+
+    def plain():
+        with torch.inference_mode():
+            for b in batches(x, None, 200):
+                model(b)
+
+    def fitting(per_sample: bool, kernels: bool):
+        def run():
+            if kernels:
+                return fit(model, batches(x, None, 200), progress=False, per_sample=per_sample)
+            with native.disabled():
+                return fit(model, batches(x, None, 200), progress=False, per_sample=per_sample)
+        return run
+
+    lines = []
+    for per_sample in (False, True):
+        a, b = fitting(per_sample, True)(), fitting(per_sample, False)()
+        same = all(torch.equal(a.quantiles[n], b.quantiles[n]) for n in a.sites) and all(
+            torch.equal(a.per_sample[n], b.per_sample[n]) for n in a.per_sample)
+        r = time_ratios(plain, {"kernels": fitting(per_sample, True),
+                                "no kernels": fitting(per_sample, False)},
+                        repeats=repeats, warmup=1)
+        cells = "  ".join(f"{k} {v['median']:.2f}× ({v['min']:.2f}–{v['max']:.2f})"
+                          for k, v in r.items())
+        name = f"fit{' per-sample' if per_sample else ''}, {len(x)} images"
+        lines.append(f"{name:<28} plain {r['kernels']['plain_ms']:7.1f} ms  {cells}  "
+                     f"same statistics: {same}")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--skip-efficientnet", action="store_true")
+    parser.add_argument("--skip-forward", action="store_true", help="time only the fits")
+    parser.add_argument("--fit-images", type=int, default=0,
+                        help="also time fit over this many training images (0: no)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), compiled kernels "
           f"{'in use' if native.kernels() is not None else 'NOT in use'}", flush=True)
     data = load_fashion_mnist()
+    if args.fit_images:
+        for line in _fit_lines(to_tensor(data.x_train[:args.fit_images]), args.repeats):
+            print(line, flush=True)
+    if args.skip_forward:
+        return 0
     model = _load_model(None)
     stats = fit(model, batches(to_tensor(data.x_train[:2000]), None, 200), progress=False)
     corrected = build("dmc", model, stats)
