@@ -627,6 +627,11 @@ at::Tensor take(const at::Tensor& flat, const at::Tensor& offsets) {
 // where it does not hold (the caller then runs torch.sort itself). Otherwise the sorted values and
 // their masses are what torch.sort gives, bit for bit.
 
+// Whether every row's flag is set.
+inline bool all_rows(const std::vector<char>& ok) {
+  return std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; });
+}
+
 inline uint32_t float_bits(float v) {
   uint32_t b;
   std::memcpy(&b, &v, 4);
@@ -723,7 +728,7 @@ std::tuple<at::Tensor, bool> sort_rows(const at::Tensor& values) {
       ok[r] = sort_row(in + r * n, dst + r * n, n, keys.data(), swap.data(), count);
     }
   });
-  return {out, std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; })};
+  return {out, all_rows(ok)};
 }
 
 // Whether v[0:n] is non-decreasing without a NaN.
@@ -781,7 +786,7 @@ std::tuple<at::Tensor, at::Tensor, bool> merge_rows(const at::Tensor& a_values, 
       ok[r] = unique;
     }
   });
-  return {values, masses, std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; })};
+  return {values, masses, all_rows(ok)};
 }
 
 // torch.searchsorted(side="left")'s binary search, step for step (any input, sorted or not).
@@ -924,7 +929,7 @@ std::tuple<at::Tensor, at::Tensor, bool> channel_extremes(const at::Tensor& x, i
       ok[ch] = finite && l != 0.0f && h != 0.0f;
     }
   }
-  return {lo, hi, std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; })};
+  return {lo, hi, all_rows(ok)};
 }
 
 
@@ -1014,7 +1019,7 @@ std::tuple<at::Tensor, bool> sample_table_sum(const at::Tensor& rows, int64_t sa
       }
     }
   });
-  return {out, std::all_of(ok.begin(), ok.end(), [](char c) { return c != 0; })};
+  return {out, all_rows(ok)};
 }
 
 }  // namespace
