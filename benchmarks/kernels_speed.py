@@ -12,6 +12,10 @@ importable, so the same script measures older commits (``PYTHONPATH=<checkout>/s
 
     python benchmarks/kernels_speed.py --threads 2 [--repeats 9] [--skip-efficientnet]
                                        [--fit-images 4000] [--skip-forward]
+    python benchmarks/kernels_speed.py --threads 2 --profile-fit 4000   # where fit's time goes
+
+``--profile-fit N`` prints `torch.profiler`'s operators by their own CPU time over one `fit` of the
+first N training images (with the kernels, after one warm-up fit) and nothing else.
 """
 
 from __future__ import annotations
@@ -79,6 +83,19 @@ def _fit_lines(x: torch.Tensor, repeats: int) -> list[str]:
     return lines
 
 
+def _profile_fit(x: torch.Tensor) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    model = _load_model(None)
+    fit(model, batches(x, None, 200), progress=False)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fit(model, batches(x, None, 200), progress=False)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), compiled kernels "
+          f"{'in use' if native.kernels() is not None else 'NOT in use'}; fit of {len(x)} images")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,8 +105,12 @@ def main() -> int:
     parser.add_argument("--skip-forward", action="store_true", help="time only the fits")
     parser.add_argument("--fit-images", type=int, default=0,
                         help="also time fit over this many training images (0: no)")
+    parser.add_argument("--profile-fit", type=int, default=0, metavar="N",
+                        help="only profile one fit over N training images (torch.profiler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile_fit:
+        return _profile_fit(to_tensor(load_fashion_mnist().x_train[:args.profile_fit]))
     print(f"torch {torch.__version__}, {args.threads} thread(s), compiled kernels "
           f"{'in use' if native.kernels() is not None else 'NOT in use'}", flush=True)
     data = load_fashion_mnist()

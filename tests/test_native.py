@@ -96,6 +96,9 @@ LAYOUTS = {  # shape, channel axis, and whether the tensor is a channels-last vi
     "C×M": ((5, 50), 0, False),
     "M×C": ((50, 5), 1, False),
     "one channel": ((2, 1, 3, 3), 1, False),
+    # rows longer than the kernel's 64-value span, and not a multiple of its 8 lanes
+    "NCHW, long rows": ((2, 3, 13, 11), 1, False),
+    "NHWC view, many channels": ((2, 77, 3, 5), 3, True),
 }
 
 

@@ -87,7 +87,11 @@ void count_row(const float* v, int64_t stride, int64_t m, float shift, float inv
   std::fill(part, part + 4 * size, 0);
   for (int64_t start = 0; start < m; start += kChunk) {
     const int64_t n = std::min(kChunk, m - start);
-    cells_of<kFused>(v + start * stride, stride, n, shift, inv, top, cell, finite);
+    if (stride == 1) {  // the common case, vectorised without strided loads
+      cells_of<kFused>(v + start, 1, n, shift, inv, top, cell, finite);
+    } else {
+      cells_of<kFused>(v + start * stride, stride, n, shift, inv, top, cell, finite);
+    }
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
       part[cell[j]] += finite[j];
@@ -168,33 +172,48 @@ inline void look_up_span(const float* __restrict x, float* __restrict y, int64_t
   __m256 vs = _mm256_set1_ps(scp[c0]), vsh = _mm256_set1_ps(shp[c0]);
   __m256 va = _mm256_set1_ps(kAffine ? ap[c0] : 1.0f), vb = _mm256_set1_ps(kAffine ? bp[c0] : 0.0f);
   const float* base = tab + c0 * row_stride;
-  for (; i + 8 <= n; i += 8) {
-    __m256i rows = _mm256_setzero_si256();
-    if constexpr (kPerValue) {
-      vs = _mm256_loadu_ps(scp + c0 + i);
-      vsh = _mm256_loadu_ps(shp + c0 + i);
-      if constexpr (kAffine) {
-        va = _mm256_loadu_ps(ap + c0 + i);
-        vb = _mm256_loadu_ps(bp + c0 + i);
+  // In spans of up to kSpan values: the table indices eight at a time, then the table read by
+  // scalar loads (an AVX2 gather is several times slower on CPUs with the gather-data-sampling
+  // mitigation, and no faster elsewhere), then the non-finite values passed through.
+  constexpr int64_t kSpan = 64;
+  alignas(32) int32_t index[kSpan];
+  alignas(32) float looked[kSpan];
+  while (i + 8 <= n) {
+    const int64_t len = std::min<int64_t>(kSpan, (n - i) & ~int64_t{7});
+    for (int64_t j = 0; j < len; j += 8) {
+      __m256i rows = _mm256_setzero_si256();
+      if constexpr (kPerValue) {
+        vs = _mm256_loadu_ps(scp + c0 + i + j);
+        vsh = _mm256_loadu_ps(shp + c0 + i + j);
+        rows = _mm256_mullo_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(i + j))),
+                                  vstride);
       }
-      rows = _mm256_mullo_epi32(_mm256_add_epi32(lanes, _mm256_set1_epi32(static_cast<int32_t>(i))), vstride);
+      const __m256 v = _mm256_loadu_ps(x + i + j);
+      __m256 g;
+      if constexpr (kFused) {
+        g = _mm256_fmadd_ps(v, vs, vsh);
+      } else {
+        g = _mm256_add_ps(vsh, _mm256_mul_ps(v, vs));
+      }
+      const __m256 u = _mm256_mul_ps(_mm256_add_ps(g, vone), vhalf);
+      // max(u, 0) returns 0 for a NaN u (the second operand), then min with the last node
+      const __m256 k = _mm256_min_ps(vtop, _mm256_max_ps(u, vzero));
+      const __m256 node = _mm256_sub_ps(_mm256_add_ps(k, vround), vround);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(index + j),
+                         _mm256_add_epi32(rows, _mm256_cvttps_epi32(node)));
     }
-    const __m256 v = _mm256_loadu_ps(x + i);
-    __m256 g;
-    if constexpr (kFused) {
-      g = _mm256_fmadd_ps(v, vs, vsh);
-    } else {
-      g = _mm256_add_ps(vsh, _mm256_mul_ps(v, vs));
+    for (int64_t j = 0; j < len; ++j) looked[j] = base[index[j]];
+    for (int64_t j = 0; j < len; j += 8) {
+      if constexpr (kPerValue && kAffine) {
+        va = _mm256_loadu_ps(ap + c0 + i + j);
+        vb = _mm256_loadu_ps(bp + c0 + i + j);
+      }
+      const __m256 v = _mm256_loadu_ps(x + i + j);
+      const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(v, vabs), vmax, _CMP_LE_OQ);
+      const __m256 through = kAffine ? _mm256_add_ps(_mm256_mul_ps(v, va), vb) : v;
+      _mm256_storeu_ps(y + i + j, _mm256_blendv_ps(through, _mm256_load_ps(looked + j), finite));
     }
-    const __m256 u = _mm256_mul_ps(_mm256_add_ps(g, vone), vhalf);
-    // max(u, 0) returns 0 for a NaN u (the second operand), then min with the last node
-    const __m256 k = _mm256_min_ps(vtop, _mm256_max_ps(u, vzero));
-    const __m256 node = _mm256_sub_ps(_mm256_add_ps(k, vround), vround);
-    const __m256i index = _mm256_add_epi32(rows, _mm256_cvttps_epi32(node));
-    const __m256 out = _mm256_i32gather_ps(base, index, 4);
-    const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(v, vabs), vmax, _CMP_LE_OQ);
-    const __m256 through = kAffine ? _mm256_add_ps(_mm256_mul_ps(v, va), vb) : v;
-    _mm256_storeu_ps(y + i, _mm256_blendv_ps(through, out, finite));
+    i += len;
   }
 #endif
   for (; i < n; ++i) {
@@ -219,11 +238,9 @@ void look_up(const float* xp, const float* tab, int64_t row_stride, const float*
     });
   } else {  // blocks of `inner` values of one channel, channel by channel: its table stays in cache
     at::parallel_for(0, outer * channels, std::max<int64_t>(1, grain / inner), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t c = t / outer, blk = (t % outer) * channels + c;
-        look_up_span<kFused, kAffine, false>(xp + blk * inner, op + blk * inner, inner, c,
+      for (int64_t blk = begin; blk < end; ++blk)
+        look_up_span<kFused, kAffine, false>(xp + blk * inner, op + blk * inner, inner, blk % channels,
                                              scp, shp, ap, bp, tab, row_stride, top, half);
-      }
     });
   }
 }
@@ -470,7 +487,37 @@ template <bool kFused>
 void table_row(float* level, int64_t size, const float* q, int64_t k) {
   const float last = static_cast<float>(k - 2);
   const float scale = static_cast<float>(k - 1);
-  for (int64_t j = 0; j < size; ++j) {
+  int64_t j = 0;
+#ifdef __AVX2__
+  // eight at a time, the same operations (levels are finite and non-negative, so min and floor
+  // agree with std::min and std::floor); the two table entries read by scalar loads
+  const __m256 vlast = _mm256_set1_ps(last), vscale = _mm256_set1_ps(scale);
+  const __m256 vhalf = _mm256_set1_ps(0.5f), vone = _mm256_set1_ps(1.0f);
+  const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  alignas(32) int32_t index[8];
+  alignas(32) float below[8], above[8];
+  for (; j + 8 <= size; j += 8) {
+    const __m256 pos = _mm256_mul_ps(_mm256_loadu_ps(level + j), vscale);
+    const __m256 node = _mm256_min_ps(_mm256_floor_ps(pos), vlast);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(index), _mm256_cvttps_epi32(node));
+    for (int l = 0; l < 8; ++l) {
+      below[l] = q[index[l]];
+      above[l] = q[index[l] + 1];
+    }
+    const __m256 a = _mm256_load_ps(below), b = _mm256_load_ps(above);
+    const __m256 w = _mm256_sub_ps(pos, node), d = _mm256_sub_ps(b, a);
+    const __m256 low = _mm256_cmp_ps(_mm256_and_ps(w, vabs), vhalf, _CMP_LT_OQ);
+    __m256 out;
+    if constexpr (kFused) {
+      out = _mm256_fmadd_ps(_mm256_blendv_ps(_mm256_sub_ps(w, vone), w, low), d, _mm256_blendv_ps(b, a, low));
+    } else {
+      out = _mm256_blendv_ps(_mm256_sub_ps(b, _mm256_mul_ps(d, _mm256_sub_ps(vone, w))),
+                             _mm256_add_ps(a, _mm256_mul_ps(w, d)), low);
+    }
+    _mm256_storeu_ps(level + j, out);
+  }
+#endif
+  for (; j < size; ++j) {
     const float pos = level[j] * scale;
     const float node = std::min(std::floor(pos), last);
     const int64_t i = static_cast<int64_t>(node);
