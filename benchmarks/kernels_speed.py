@@ -13,9 +13,13 @@ importable, so the same script measures older commits (``PYTHONPATH=<checkout>/s
     python benchmarks/kernels_speed.py --threads 2 [--repeats 9] [--skip-efficientnet]
                                        [--fit-images 4000] [--skip-forward]
     python benchmarks/kernels_speed.py --threads 2 --profile-fit 4000   # where fit's time goes
+    python benchmarks/kernels_speed.py --threads 2 --profile-sites      # EfficientNet's sites
 
 ``--profile-fit N`` prints `torch.profiler`'s operators by their own CPU time over one `fit` of the
 first N training images (with the kernels, after one warm-up fit) and nothing else.
+``--profile-sites`` prints, for EfficientNet-Lite0's default corrected forward at batch 16, the
+time of the site kernel (``torch_dmc::grid_site``) and of the sample (``torch_dmc::take``) per
+activation shape, and of the whole forward's operators, over 5 forwards (after 3 warm-up ones).
 """
 
 from __future__ import annotations
@@ -96,6 +100,33 @@ def _profile_fit(x: torch.Tensor) -> int:
     return 0
 
 
+def _profile_sites(forwards: int = 5) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    from torch_dmc.models.efficientnet import load_efficientnet_lite0
+
+    model = load_efficientnet_lite0()
+    stats = fit(model, _sample_photos(8 * 16).split(16), progress=False)
+    corrected = build("dmc", model, stats)
+    x = _sample_photos(16, seed=1)
+    with torch.no_grad():
+        for _ in range(3):
+            corrected(x)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            for _ in range(forwards):
+                corrected(x)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), compiled kernels "
+          f"{'in use' if native.kernels() is not None else 'NOT in use'}; EfficientNet-Lite0, "
+          f"batch 16, ms per forward (over {forwards})")
+    rows = [(e.self_cpu_time_total / forwards / 1e3, e.key, e.input_shapes[0], e.count // forwards)
+            for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("torch_dmc::grid_site", "torch_dmc::take")]
+    for ms, key, shape, calls in sorted(rows, reverse=True):
+        print(f"{key:<22} {str(shape):<20} {calls:3d} per forward  {ms:7.1f} ms")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,10 +136,14 @@ def main() -> int:
     parser.add_argument("--skip-forward", action="store_true", help="time only the fits")
     parser.add_argument("--fit-images", type=int, default=0,
                         help="also time fit over this many training images (0: no)")
+    parser.add_argument("--profile-sites", action="store_true",
+                        help="only profile EfficientNet-Lite0's sites at batch 16 (torch.profiler)")
     parser.add_argument("--profile-fit", type=int, default=0, metavar="N",
                         help="only profile one fit over N training images (torch.profiler)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile_sites:
+        return _profile_sites()
     if args.profile_fit:
         return _profile_fit(to_tensor(load_fashion_mnist().x_train[:args.profile_fit]))
     print(f"torch {torch.__version__}, {args.threads} thread(s), compiled kernels "
