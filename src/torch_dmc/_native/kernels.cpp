@@ -236,7 +236,7 @@ void look_up(const float* xp, const float* tab, int64_t row_stride, const float*
         look_up_span<kFused, kAffine, true>(xp + o * channels, op + o * channels, channels, 0,
                                             scp, shp, ap, bp, tab, row_stride, top, half);
     });
-  } else {  // blocks of `inner` values of one channel, channel by channel: its table stays in cache
+  } else {  // blocks of `inner` values of one channel, in memory order (the prefetcher follows)
     at::parallel_for(0, outer * channels, std::max<int64_t>(1, grain / inner), [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk)
         look_up_span<kFused, kAffine, false>(xp + blk * inner, op + blk * inner, inner, blk % channels,
