@@ -292,6 +292,21 @@ def test_all_values_read_in_place_give_the_copied_values_result(layout, affine):
         same_bits(y, grid_transport(x, copied, q_ref, 40, axis, affine=ab))
 
 
+def test_a_site_read_in_place_declines_a_nonfinite_value_in_any_channel():
+    # each channel is looked up as soon as its table is built; a later channel's NaN must still
+    # make the whole call decline (the caller then takes the general path)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 6, 6, generator=g)
+    q_ref = torch.randn(5, 33, generator=g).sort(dim=1).values
+    rule = (transport.OUTLIER_LEVEL, transport.OUTLIER_MARGIN, transport.REFINEMENTS)
+    assert native.grid_site(x, None, q_ref, 40, 1, None, *rule) is not None
+    for channel in (0, 4):
+        y = x.clone()
+        y[1, channel, 2, 3] = float("nan")
+        assert native.grid_site(y, None, q_ref, 40, 1, None, *rule) is None
+        both(lambda y=y: grid_transport(y, None, q_ref, 40, 1))
+
+
 # ---- the fit's kernels: the sketch's sort, merge and compression, the channel extremes ----
 
 def test_sort_rows_gives_torch_sort_values_or_declines_where_ties_could_differ():

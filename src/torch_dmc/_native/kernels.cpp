@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -543,6 +544,25 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const c10::optional<at::T
   std::vector<RowKnots> knots(channels);
   // each row's node levels, turned into its table in place (not zero-filled: every entry is written)
   std::unique_ptr<float[]> table(new float[channels * size]);
+  const auto q = q_ref.contiguous();
+  const float* qp = q.data_ptr<float>();
+  std::vector<float> scale(channels), shift(channels);
+  auto out = at::empty(x.sizes(), x.options());
+  float* op = out.data_ptr<float>();
+  const float top = static_cast<float>(size - 1), half = top / 2;
+  // row r's table and lookup coordinates (transport._lookup's grid coordinate: 2 / ((B - 1) *
+  // step) as reciprocal, then times 2)
+  auto finish_row = [&](int64_t r) {
+    table_row<kFused>(table.get() + r * size, size, qp + r * k, k);
+    const float sc = 2.0f * (1.0f / (static_cast<float>(size - 1) * knots[r].step));
+    const float sh = -knots[r].lo * sc - 1.0f;
+    scale[r] = ap == nullptr ? sc : ap[r] * sc;
+    shift[r] = ap == nullptr ? sh : mul_add<kFused>(bp[r], sc, sh);
+  };
+  // A site whose values are read in place, channel blocks of `inner` values: each channel is
+  // looked up right after its table is built, while its values are still in cache.
+  const bool row_by_row = !values.has_value() && inner > 1;
+  std::atomic<bool> all_finite{true};
   at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<int32_t> part(4 * size);
@@ -551,30 +571,35 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const c10::optional<at::T
       const float ab[2] = {ap == nullptr ? 1.0f : ap[r], bp == nullptr ? 0.0f : bp[r]};
       knots[r] = row_knots<kFused>(row_values(r), ap == nullptr ? nullptr : ab, size, rule, scratch,
                                    part, counts, table.get() + r * size);
+      if (!knots[r].finite) {
+        all_finite = false;
+        continue;
+      }
+      if (!row_by_row) continue;
+      finish_row(r);
+      for (int64_t o = 0; o < outer; ++o) {
+        const int64_t at = (o * channels + r) * inner;
+        if (ap == nullptr) {
+          look_up_span<kFused, false, false>(xp + at, op + at, inner, r, scale.data(), shift.data(),
+                                             nullptr, nullptr, table.get(), size, top, half);
+        } else {
+          look_up_span<kFused, true, false>(xp + at, op + at, inner, r, scale.data(), shift.data(),
+                                            ap, bp, table.get(), size, top, half);
+        }
+      }
     }
   });
-  for (const auto& row : knots)
-    if (!row.finite) return {at::Tensor(), false};
-  const auto q = q_ref.contiguous();
-  const float* qp = q.data_ptr<float>();
+  if (!all_finite) return {at::Tensor(), false};
+  if (row_by_row) return {out, true};
   at::parallel_for(0, channels, std::max<int64_t>(1, 16384 / size), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) table_row<kFused>(table.get() + r * size, size, qp + r * k, k);
+    for (int64_t r = begin; r < end; ++r) finish_row(r);
   });
-  std::vector<float> scale(channels), shift(channels);
-  for (int64_t r = 0; r < channels; ++r) {
-    // transport._lookup's grid coordinate: 2 / ((B - 1) * step) as reciprocal, then times 2
-    const float sc = 2.0f * (1.0f / (static_cast<float>(size - 1) * knots[r].step));
-    const float sh = -knots[r].lo * sc - 1.0f;
-    scale[r] = ap == nullptr ? sc : ap[r] * sc;
-    shift[r] = ap == nullptr ? sh : mul_add<kFused>(bp[r], sc, sh);
-  }
-  auto out = at::empty(x.sizes(), x.options());
   if (ap == nullptr) {
     look_up<kFused, false>(xp, table.get(), size, scale.data(), shift.data(),
-                           nullptr, nullptr, outer, channels, inner, size, out.data_ptr<float>());
+                           nullptr, nullptr, outer, channels, inner, size, op);
   } else {
     look_up<kFused, true>(xp, table.get(), size, scale.data(), shift.data(), ap,
-                          bp, outer, channels, inner, size, out.data_ptr<float>());
+                          bp, outer, channels, inner, size, op);
   }
   return {out, true};
 }
