@@ -87,6 +87,21 @@ def _fit_lines(x: torch.Tensor, repeats: int) -> list[str]:
     return lines
 
 
+def _machine() -> str:
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), compiled kernels "
+            f"{'in use' if native.kernels() is not None else 'NOT in use'}")
+
+
+def _efficientnet() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """EfficientNet-Lite0, its default corrected forward (stats of 8 batches of 16 sample-photo
+    crops, as `dmc perf`) and a batch of 16 other crops."""
+    from torch_dmc.models.efficientnet import load_efficientnet_lite0
+
+    model = load_efficientnet_lite0()
+    stats = fit(model, _sample_photos(8 * 16).split(16), progress=False)
+    return model, build("dmc", model, stats), _sample_photos(16, seed=1)
+
+
 def _profile_fit(x: torch.Tensor) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -94,8 +109,7 @@ def _profile_fit(x: torch.Tensor) -> int:
     fit(model, batches(x, None, 200), progress=False)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fit(model, batches(x, None, 200), progress=False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), compiled kernels "
-          f"{'in use' if native.kernels() is not None else 'NOT in use'}; fit of {len(x)} images")
+    print(f"{_machine()}; fit of {len(x)} images")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     return 0
 
@@ -103,21 +117,14 @@ def _profile_fit(x: torch.Tensor) -> int:
 def _profile_sites(forwards: int = 5) -> int:
     from torch.profiler import ProfilerActivity, profile
 
-    from torch_dmc.models.efficientnet import load_efficientnet_lite0
-
-    model = load_efficientnet_lite0()
-    stats = fit(model, _sample_photos(8 * 16).split(16), progress=False)
-    corrected = build("dmc", model, stats)
-    x = _sample_photos(16, seed=1)
+    _, corrected, x = _efficientnet()
     with torch.no_grad():
         for _ in range(3):
             corrected(x)
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             for _ in range(forwards):
                 corrected(x)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), compiled kernels "
-          f"{'in use' if native.kernels() is not None else 'NOT in use'}; EfficientNet-Lite0, "
-          f"batch 16, ms per forward (over {forwards})")
+    print(f"{_machine()}; EfficientNet-Lite0, batch 16, ms per forward (over {forwards})")
     rows = [(e.self_cpu_time_total / forwards / 1e3, e.key, e.input_shapes[0], e.count // forwards)
             for e in prof.key_averages(group_by_input_shape=True)
             if e.key in ("torch_dmc::grid_site", "torch_dmc::take")]
@@ -146,8 +153,7 @@ def main() -> int:
         return _profile_sites()
     if args.profile_fit:
         return _profile_fit(to_tensor(load_fashion_mnist().x_train[:args.profile_fit]))
-    print(f"torch {torch.__version__}, {args.threads} thread(s), compiled kernels "
-          f"{'in use' if native.kernels() is not None else 'NOT in use'}", flush=True)
+    print(_machine(), flush=True)
     data = load_fashion_mnist()
     if args.fit_images:
         for line in _fit_lines(to_tensor(data.x_train[:args.fit_images]), args.repeats):
@@ -161,13 +167,7 @@ def main() -> int:
     for b in (200, 16):
         print(_line(f"fmnist-resnet B={b}", model, corrected, test[:b], args.repeats), flush=True)
     if not args.skip_efficientnet:
-        from torch_dmc.models.efficientnet import load_efficientnet_lite0
-
-        model = load_efficientnet_lite0()
-        stats = fit(model, _sample_photos(8 * 16).split(16), progress=False)
-        corrected = build("dmc", model, stats)
-        print(_line("efficientnet-lite0 B=16", model, corrected, _sample_photos(16, seed=1),
-                    args.repeats), flush=True)
+        print(_line("efficientnet-lite0 B=16", *_efficientnet(), args.repeats), flush=True)
     return 0
 
 
