@@ -118,6 +118,11 @@ def test_lookup_is_the_same_in_every_layout(layout, affine):
     if ab is not None:
         ab[0][0] = 0.0  # a zero scale: every finite value at one node
     both(lambda: apply_lut(x, lut, axis, affine=ab))
+    # non-finite values in many of the kernel's 64-value spans, at every lane position
+    dense = x.clone()
+    dense.view(-1)[5::7] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(
+        dense.numel() // 7 + 1)[:dense.view(-1)[5::7].numel()]
+    both(lambda: apply_lut(dense, lut, axis, affine=ab))
 
 
 @settings(max_examples=40)

@@ -61,13 +61,14 @@ void check_float_cpu(const at::Tensor& t, const char* name, int64_t dim) {
 
 constexpr int64_t kChunk = 1024;  // values whose cells are computed before they are counted
 
-// The cells of n values (0 for a non-finite one; `finite` says which are), vectorisable.
-template <bool kFused>
+// The cells of n values (0 for a non-finite one; `finite` says which are, unless kMasked is
+// false: every value is known to be finite), vectorisable.
+template <bool kFused, bool kMasked>
 inline void cells_of(const float* __restrict x, int64_t stride, int64_t n, float shift, float inv,
                      float top, int32_t* __restrict cell, bool* __restrict finite) {
   for (int64_t j = 0; j < n; ++j) {
     const float v = x[j * stride];
-    finite[j] = std::fabs(v) <= std::numeric_limits<float>::max();
+    if constexpr (kMasked) finite[j] = std::fabs(v) <= std::numeric_limits<float>::max();
     const float t = mul_add<kFused>(v, inv, shift);
     // clamp, then round: the same as round, then clamp (the bounds are integers); a NaN goes
     // to 0 (only possible for a non-finite v, not counted)
@@ -76,12 +77,13 @@ inline void cells_of(const float* __restrict x, int64_t stride, int64_t n, float
   }
 }
 
-// Counts one row's values into its cells (`cells_of`); non-finite values are not counted.
-// part: scratch of 4 * size int32, four interleaved partial counts, so that runs of equal cells
-// do not wait on each other's stores. cnt: size int64, overwritten.
-template <bool kFused>
-void count_row(const float* v, int64_t stride, int64_t m, float shift, float inv, int64_t size,
-               int32_t* part, int64_t* cnt) {
+// Counts one row's values into its cells (`cells_of`) as four partial counts part[i * size + k]
+// (i = 0..3, overwritten), so that runs of equal cells do not wait on each other's stores.
+// Non-finite values are not counted (kMasked = false: the caller has checked that every value is
+// finite, and no mask is kept).
+template <bool kFused, bool kMasked>
+void count_parts(const float* v, int64_t stride, int64_t m, float shift, float inv, int64_t size,
+                 int32_t* part) {
   const float top = static_cast<float>(size - 1);
   int32_t cell[kChunk];
   bool finite[kChunk];
@@ -89,11 +91,21 @@ void count_row(const float* v, int64_t stride, int64_t m, float shift, float inv
   for (int64_t start = 0; start < m; start += kChunk) {
     const int64_t n = std::min(kChunk, m - start);
     if (stride == 1) {  // the common case, vectorised without strided loads
-      cells_of<kFused>(v + start, 1, n, shift, inv, top, cell, finite);
+      cells_of<kFused, kMasked>(v + start, 1, n, shift, inv, top, cell, finite);
     } else {
-      cells_of<kFused>(v + start * stride, stride, n, shift, inv, top, cell, finite);
+      cells_of<kFused, kMasked>(v + start * stride, stride, n, shift, inv, top, cell, finite);
     }
     int64_t j = 0;
+    if constexpr (!kMasked) {
+      for (; j + 4 <= n; j += 4) {
+        ++part[cell[j]];
+        ++part[size + cell[j + 1]];
+        ++part[2 * size + cell[j + 2]];
+        ++part[3 * size + cell[j + 3]];
+      }
+      for (; j < n; ++j) ++part[cell[j]];
+      continue;
+    }
     for (; j + 4 <= n; j += 4) {
       part[cell[j]] += finite[j];
       part[size + cell[j + 1]] += finite[j + 1];
@@ -102,6 +114,14 @@ void count_row(const float* v, int64_t stride, int64_t m, float shift, float inv
     }
     for (; j < n; ++j) part[cell[j]] += finite[j];
   }
+}
+
+// `count_parts` summed: cnt (size int64, overwritten) gets each cell's count. part: 4 * size
+// int32 scratch.
+template <bool kFused>
+void count_row(const float* v, int64_t stride, int64_t m, float shift, float inv, int64_t size,
+               int32_t* part, int64_t* cnt) {
+  count_parts<kFused, true>(v, stride, m, shift, inv, size, part);
   for (int64_t k = 0; k < size; ++k)
     cnt[k] = static_cast<int64_t>(part[k]) + part[size + k] + part[2 * size + k] + part[3 * size + k];
 }
@@ -171,16 +191,16 @@ inline void look_up_span(const float* __restrict x, float* __restrict y, int64_t
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i vstride = _mm256_set1_epi32(static_cast<int32_t>(row_stride));
   __m256 vs = _mm256_set1_ps(scp[c0]), vsh = _mm256_set1_ps(shp[c0]);
-  __m256 va = _mm256_set1_ps(kAffine ? ap[c0] : 1.0f), vb = _mm256_set1_ps(kAffine ? bp[c0] : 0.0f);
   const float* base = tab + c0 * row_stride;
-  // In spans of up to kSpan values: the table indices eight at a time, then the table read by
-  // scalar loads (a little faster than an AVX2 gather on the Intel Xeon measured), then the
-  // non-finite values passed through.
+  // In spans of up to kSpan values: the table indices eight at a time (and whether every value
+  // is finite), then the table read by scalar loads (a little faster than an AVX2 gather on the
+  // Intel Xeon measured) straight into y, then, only in a span that holds one, the non-finite
+  // values passed through.
   constexpr int64_t kSpan = 64;
   alignas(32) int32_t index[kSpan];
-  alignas(32) float looked[kSpan];
   while (i + 8 <= n) {
     const int64_t len = std::min<int64_t>(kSpan, (n - i) & ~int64_t{7});
+    __m256 finite = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
     for (int64_t j = 0; j < len; j += 8) {
       __m256i rows = _mm256_setzero_si256();
       if constexpr (kPerValue) {
@@ -190,6 +210,7 @@ inline void look_up_span(const float* __restrict x, float* __restrict y, int64_t
                                   vstride);
       }
       const __m256 v = _mm256_loadu_ps(x + i + j);
+      finite = _mm256_and_ps(finite, _mm256_cmp_ps(_mm256_and_ps(v, vabs), vmax, _CMP_LE_OQ));
       __m256 g;
       if constexpr (kFused) {
         g = _mm256_fmadd_ps(v, vs, vsh);
@@ -203,16 +224,13 @@ inline void look_up_span(const float* __restrict x, float* __restrict y, int64_t
       _mm256_store_si256(reinterpret_cast<__m256i*>(index + j),
                          _mm256_add_epi32(rows, _mm256_cvttps_epi32(node)));
     }
-    for (int64_t j = 0; j < len; ++j) looked[j] = base[index[j]];
-    for (int64_t j = 0; j < len; j += 8) {
-      if constexpr (kPerValue && kAffine) {
-        va = _mm256_loadu_ps(ap + c0 + i + j);
-        vb = _mm256_loadu_ps(bp + c0 + i + j);
+    for (int64_t j = 0; j < len; ++j) y[i + j] = base[index[j]];
+    if (_mm256_movemask_ps(finite) != 0xff) {
+      for (int64_t j = i; j < i + len; ++j) {
+        if (std::fabs(x[j]) <= std::numeric_limits<float>::max()) continue;
+        const int64_t c = c0 + (kPerValue ? j : 0);
+        y[j] = kAffine ? x[j] * ap[c] + bp[c] : x[j];  // transport.affine_values' order
       }
-      const __m256 v = _mm256_loadu_ps(x + i + j);
-      const __m256 finite = _mm256_cmp_ps(_mm256_and_ps(v, vabs), vmax, _CMP_LE_OQ);
-      const __m256 through = kAffine ? _mm256_add_ps(_mm256_mul_ps(v, va), vb) : v;
-      _mm256_storeu_ps(y + i + j, _mm256_blendv_ps(through, _mm256_load_ps(looked + j), finite));
     }
     i += len;
   }
@@ -368,6 +386,67 @@ inline bool finite_range(const float* v, int64_t stride, int64_t n, float& lo, f
   return finite;
 }
 
+// A running minimum and maximum, and whether every value folded in is finite: `finite_range` of
+// values that arrive in pieces (the blocks of a channel), eight lanes at a time where AVX2 is
+// compiled in.
+class RunningRange {
+ public:
+  // Folds in n values in[j * stride], times a plus b where kAffine (transport.affine_values:
+  // multiplied, then added), and writes them to out.
+  template <bool kAffine>
+  void copy(const float* in, int64_t stride, int64_t n, float a, float b, float* out) {
+    int64_t j = 0;
+#ifdef __AVX2__
+    if (stride == 1) {
+      const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+      for (; j + 8 <= n; j += 8) {
+        __m256 x = _mm256_loadu_ps(in + j);
+        if constexpr (kAffine) x = _mm256_add_ps(_mm256_mul_ps(x, va), vb);
+        _mm256_storeu_ps(out + j, x);
+        ok_ = _mm256_and_ps(ok_, _mm256_cmp_ps(_mm256_and_ps(x, abs_), big_, _CMP_LE_OQ));
+        vlo_ = _mm256_min_ps(vlo_, x);
+        vhi_ = _mm256_max_ps(vhi_, x);
+      }
+    }
+#endif
+    for (; j < n; ++j) {
+      const float x = kAffine ? in[j * stride] * a + b : in[j * stride];
+      out[j] = x;
+      finite_ &= std::fabs(x) <= std::numeric_limits<float>::max();
+      lo_ = std::min(lo_, x);
+      hi_ = std::max(hi_, x);
+    }
+  }
+
+  // Whether every value was finite; their minimum and maximum if so.
+  bool result(float& lo, float& hi) const {
+    lo = lo_;
+    hi = hi_;
+#ifdef __AVX2__
+    if (_mm256_movemask_ps(ok_) != 0xff) return false;
+    alignas(32) float l[8], h[8];
+    _mm256_store_ps(l, vlo_);
+    _mm256_store_ps(h, vhi_);
+    for (int i = 0; i < 8; ++i) {
+      lo = std::min(lo, l[i]);
+      hi = std::max(hi, h[i]);
+    }
+#endif
+    return finite_;
+  }
+
+ private:
+  static constexpr float kInf = std::numeric_limits<float>::infinity();
+  float lo_ = kInf, hi_ = -kInf;
+  bool finite_ = true;
+#ifdef __AVX2__
+  __m256 vlo_ = _mm256_set1_ps(kInf), vhi_ = _mm256_set1_ps(-kInf);
+  __m256 ok_ = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+  const __m256 abs_ = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 big_ = _mm256_set1_ps(std::numeric_limits<float>::max());
+#endif
+};
+
 // Grid mode's knot-range constants (transport.OUTLIER_LEVEL, OUTLIER_MARGIN, REFINEMENTS).
 struct KnotRule {
   float p_low, p_high;  // OUTLIER_LEVEL and 1 - OUTLIER_LEVEL, as float32
@@ -375,25 +454,40 @@ struct KnotRule {
   int64_t refinements;
 };
 
-// transport._histogram of one row on `size` nodes over [lo, hi]: the node levels into `level`
-// (size floats); returns the node spacing. part: 4 * size scratch; counts: size scratch.
+// transport._histogram of one row of m finite values on `size` nodes over [lo, hi]: the node
+// levels into `level` (size floats); returns the node spacing. part: 4 * size int32 scratch.
 template <bool kFused>
 float row_levels(const float* v, int64_t stride, int64_t m, float lo, float hi, int64_t size,
-                 int32_t* part, int64_t* counts, float* level) {
+                 int32_t* part, float* level) {
   // the step, then (masked_fill, clamp_min) for equal values and subnormal ranges
   float step = (hi - lo) / static_cast<float>(size - 1);
   if (step == 0.0f) step = 1.0f;
   step = std::max(step, std::numeric_limits<float>::min());
   const float inv = 1.0f / step;
-  count_row<kFused>(v, stride, m, -lo * inv, inv, size, part, counts);
-  // level = (cumsum(counts) - counts / 2) / M: cumsum accumulates exactly (in double) and
-  // rounds each partial sum to float32, as does this integer sum
-  const float total = static_cast<float>(m);
-  int64_t cum = 0;
-  for (int64_t j = 0; j < size; ++j) {
-    cum += counts[j];
-    level[j] = (static_cast<float>(cum) - 0.5f * static_cast<float>(counts[j])) / total;
+  count_parts<kFused, false>(v, stride, m, -lo * inv, inv, size, part);
+  // level = (cumsum(counts) - counts / 2) / M. cumsum accumulates exactly (in double) and rounds
+  // each partial sum to float32; so does this integer sum (m < 2^31), converted in a second loop
+  // (eight at a time where AVX2 is compiled in: the same rounding) free of the sum's dependency
+  // chain: part[k] becomes the sum of counts up to cell k, part[size + k] cell k's count.
+  int32_t cum = 0;
+  for (int64_t k = 0; k < size; ++k) {
+    const int32_t c = part[k] + part[size + k] + part[2 * size + k] + part[3 * size + k];
+    cum += c;
+    part[k] = cum;
+    part[size + k] = c;
   }
+  const float total = static_cast<float>(m);
+  int64_t j = 0;
+#ifdef __AVX2__
+  const __m256 vtotal = _mm256_set1_ps(total), vhalf = _mm256_set1_ps(0.5f);
+  for (; j + 8 <= size; j += 8) {
+    const __m256 sum = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + j)));
+    const __m256 own = _mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(part + size + j)));
+    _mm256_storeu_ps(level + j, _mm256_div_ps(_mm256_sub_ps(sum, _mm256_mul_ps(vhalf, own)), vtotal));
+  }
+#endif
+  for (; j < size; ++j)
+    level[j] = (static_cast<float>(part[j]) - 0.5f * static_cast<float>(part[size + j])) / total;
   return step;
 }
 
@@ -439,33 +533,36 @@ struct RowValues {
 template <bool kFused>
 RowKnots row_knots(const RowValues& row, const float* affine_ab, int64_t size,
                    const KnotRule& rule, std::vector<float>& scratch, std::vector<int32_t>& part,
-                   std::vector<int64_t>& counts, float* level) {
+                   float* level) {
   RowKnots k;
   const int64_t m = row.count();
   const float* v = row.base;
   int64_t stride = row.stride;
+  float lo, hi;
+  bool finite;
   if (affine_ab != nullptr || row.blocks > 1) {  // one contiguous row (the order counts for nothing)
     scratch.resize(m);
-    float* out = scratch.data();
+    RunningRange range;  // the range of the copy, taken while it is written
     for (int64_t blk = 0; blk < row.blocks; ++blk) {
       const float* in = row.base + blk * row.block_stride;
-      if (affine_ab != nullptr) {  // transport.affine_values: multiplied, then added
-        for (int64_t j = 0; j < row.block_len; ++j) *out++ = in[j * stride] * affine_ab[0] + affine_ab[1];
+      float* out = scratch.data() + blk * row.block_len;
+      if (affine_ab != nullptr) {
+        range.copy<true>(in, stride, row.block_len, affine_ab[0], affine_ab[1], out);
       } else {
-        for (int64_t j = 0; j < row.block_len; ++j) *out++ = in[j * stride];
+        range.copy<false>(in, stride, row.block_len, 1.0f, 0.0f, out);
       }
     }
+    finite = range.result(lo, hi);
     v = scratch.data();
     stride = 1;
+  } else {
+    finite = finite_range(v, stride, m, lo, hi);
   }
-  float lo, hi;
-  const bool finite = finite_range(v, stride, m, lo, hi);
   if (!finite || !(std::fabs(hi - lo) <= std::numeric_limits<float>::max())) {
     k.finite = false;
     return k;
   }
-  counts.resize(size);
-  float step = row_levels<kFused>(v, stride, m, lo, hi, size, part.data(), counts.data(), level);
+  float step = row_levels<kFused>(v, stride, m, lo, hi, size, part.data(), level);
   if (!surely_wide(level, size, rule)) {
     for (int64_t i = 0; i < rule.refinements; ++i) {
       const float q0 = invert_level(level, size, lo, step, rule.p_low);
@@ -475,7 +572,7 @@ RowKnots row_knots(const RowValues& row, const float* affine_ab, int64_t size,
       if (!((new_hi - new_lo) * 2.0f < hi - lo)) break;
       lo = new_lo;
       hi = new_hi;
-      step = row_levels<kFused>(v, stride, m, lo, hi, size, part.data(), counts.data(), level);
+      step = row_levels<kFused>(v, stride, m, lo, hi, size, part.data(), level);
     }
   }
   k.lo = lo;
@@ -566,26 +663,22 @@ std::tuple<at::Tensor, bool> site(const at::Tensor& x, const c10::optional<at::T
   at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     std::vector<int32_t> part(4 * size);
-    std::vector<int64_t> counts;
     for (int64_t r = begin; r < end; ++r) {
       const float ab[2] = {ap == nullptr ? 1.0f : ap[r], bp == nullptr ? 0.0f : bp[r]};
       knots[r] = row_knots<kFused>(row_values(r), ap == nullptr ? nullptr : ab, size, rule, scratch,
-                                   part, counts, table.get() + r * size);
+                                   part, table.get() + r * size);
       if (!knots[r].finite) {
         all_finite = false;
         continue;
       }
       if (!row_by_row) continue;
       finish_row(r);
+      // row_knots found every value of the row finite (after the BatchNorm map, folded into
+      // scale and shift), so none passes through and no affine map is needed for one
       for (int64_t o = 0; o < outer; ++o) {
         const int64_t at = (o * channels + r) * inner;
-        if (ap == nullptr) {
-          look_up_span<kFused, false, false>(xp + at, op + at, inner, r, scale.data(), shift.data(),
-                                             nullptr, nullptr, table.get(), size, top, half);
-        } else {
-          look_up_span<kFused, true, false>(xp + at, op + at, inner, r, scale.data(), shift.data(),
-                                            ap, bp, table.get(), size, top, half);
-        }
+        look_up_span<kFused, false, false>(xp + at, op + at, inner, r, scale.data(), shift.data(),
+                                           nullptr, nullptr, table.get(), size, top, half);
       }
     }
   });
