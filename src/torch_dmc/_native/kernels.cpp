@@ -468,13 +468,14 @@ float row_levels(const float* v, int64_t stride, int64_t m, float lo, float hi, 
   // level = (cumsum(counts) - counts / 2) / M. cumsum accumulates exactly (in double) and rounds
   // each partial sum to float32; so does this integer sum (m < 2^31), converted in a second loop
   // (eight at a time where AVX2 is compiled in: the same rounding) free of the sum's dependency
-  // chain: part[k] becomes the sum of counts up to cell k, part[size + k] cell k's count.
+  // chain: part[size + k] becomes cell k's count (the four partial counts summed, a loop the
+  // compiler vectorises), part[k] the sum of counts up to cell k.
+  int32_t* own = part + size;
+  for (int64_t k = 0; k < size; ++k) own[k] += part[k] + part[2 * size + k] + part[3 * size + k];
   int32_t cum = 0;
   for (int64_t k = 0; k < size; ++k) {
-    const int32_t c = part[k] + part[size + k] + part[2 * size + k] + part[3 * size + k];
-    cum += c;
+    cum += own[k];
     part[k] = cum;
-    part[size + k] = c;
   }
   const float total = static_cast<float>(m);
   int64_t j = 0;
