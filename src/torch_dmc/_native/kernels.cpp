@@ -350,41 +350,6 @@ inline int64_t search_left(const float* levels, int64_t n, float t) {
   return std::lower_bound(levels, levels + n, t) - levels;
 }
 
-// Whether the n values v[j * stride] are all finite, and their minimum and maximum if so.
-inline bool finite_range(const float* v, int64_t stride, int64_t n, float& lo, float& hi) {
-  constexpr float big = std::numeric_limits<float>::max();
-  lo = std::numeric_limits<float>::infinity();
-  hi = -lo;
-  int64_t j = 0;
-#ifdef __AVX2__
-  if (stride == 1 && n >= 8) {
-    __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi), ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
-    const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), vbig = _mm256_set1_ps(big);
-    for (; j + 8 <= n; j += 8) {
-      const __m256 x = _mm256_loadu_ps(v + j);
-      ok = _mm256_and_ps(ok, _mm256_cmp_ps(_mm256_and_ps(x, vabs), vbig, _CMP_LE_OQ));
-      vlo = _mm256_min_ps(vlo, x);
-      vhi = _mm256_max_ps(vhi, x);
-    }
-    if (_mm256_movemask_ps(ok) != 0xff) return false;
-    alignas(32) float l[8], h[8];
-    _mm256_store_ps(l, vlo);
-    _mm256_store_ps(h, vhi);
-    for (int i = 0; i < 8; ++i) {
-      lo = std::min(lo, l[i]);
-      hi = std::max(hi, h[i]);
-    }
-  }
-#endif
-  bool finite = true;
-  for (; j < n; ++j) {
-    const float x = v[j * stride];
-    finite &= std::fabs(x) <= big;
-    lo = std::min(lo, x);
-    hi = std::max(hi, x);
-  }
-  return finite;
-}
 
 // A running minimum and maximum, and whether every value folded in is finite: `finite_range` of
 // values that arrive in pieces (the blocks of a channel), eight lanes at a time where AVX2 is
@@ -392,7 +357,7 @@ inline bool finite_range(const float* v, int64_t stride, int64_t n, float& lo, f
 class RunningRange {
  public:
   // Folds in n values in[j * stride], times a plus b where kAffine (transport.affine_values:
-  // multiplied, then added), and writes them to out.
+  // multiplied, then added), and writes them to out (unless out is null).
   template <bool kAffine>
   void copy(const float* in, int64_t stride, int64_t n, float a, float b, float* out) {
     int64_t j = 0;
@@ -402,7 +367,7 @@ class RunningRange {
       for (; j + 8 <= n; j += 8) {
         __m256 x = _mm256_loadu_ps(in + j);
         if constexpr (kAffine) x = _mm256_add_ps(_mm256_mul_ps(x, va), vb);
-        _mm256_storeu_ps(out + j, x);
+        if (out != nullptr) _mm256_storeu_ps(out + j, x);
         ok_ = _mm256_and_ps(ok_, _mm256_cmp_ps(_mm256_and_ps(x, abs_), big_, _CMP_LE_OQ));
         vlo_ = _mm256_min_ps(vlo_, x);
         vhi_ = _mm256_max_ps(vhi_, x);
@@ -411,7 +376,7 @@ class RunningRange {
 #endif
     for (; j < n; ++j) {
       const float x = kAffine ? in[j * stride] * a + b : in[j * stride];
-      out[j] = x;
+      if (out != nullptr) out[j] = x;
       finite_ &= std::fabs(x) <= std::numeric_limits<float>::max();
       lo_ = std::min(lo_, x);
       hi_ = std::max(hi_, x);
@@ -446,6 +411,13 @@ class RunningRange {
   const __m256 big_ = _mm256_set1_ps(std::numeric_limits<float>::max());
 #endif
 };
+
+// Whether the n values v[j * stride] are all finite, and their minimum and maximum if so.
+inline bool finite_range(const float* v, int64_t stride, int64_t n, float& lo, float& hi) {
+  RunningRange range;
+  range.copy<false>(v, stride, n, 1.0f, 0.0f, nullptr);
+  return range.result(lo, hi);
+}
 
 // Grid mode's knot-range constants (transport.OUTLIER_LEVEL, OUTLIER_MARGIN, REFINEMENTS).
 struct KnotRule {
