@@ -95,24 +95,16 @@ void count_parts(const float* v, int64_t stride, int64_t m, float shift, float i
     } else {
       cells_of<kFused, kMasked>(v + start * stride, stride, n, shift, inv, top, cell, finite);
     }
+    // one per finite value (without a mask: one per value, the mask never read)
+    auto one = [&](int64_t j) -> int32_t { return kMasked ? finite[j] : 1; };
     int64_t j = 0;
-    if constexpr (!kMasked) {
-      for (; j + 4 <= n; j += 4) {
-        ++part[cell[j]];
-        ++part[size + cell[j + 1]];
-        ++part[2 * size + cell[j + 2]];
-        ++part[3 * size + cell[j + 3]];
-      }
-      for (; j < n; ++j) ++part[cell[j]];
-      continue;
-    }
     for (; j + 4 <= n; j += 4) {
-      part[cell[j]] += finite[j];
-      part[size + cell[j + 1]] += finite[j + 1];
-      part[2 * size + cell[j + 2]] += finite[j + 2];
-      part[3 * size + cell[j + 3]] += finite[j + 3];
+      part[cell[j]] += one(j);
+      part[size + cell[j + 1]] += one(j + 1);
+      part[2 * size + cell[j + 2]] += one(j + 2);
+      part[3 * size + cell[j + 3]] += one(j + 3);
     }
-    for (; j < n; ++j) part[cell[j]] += finite[j];
+    for (; j < n; ++j) part[cell[j]] += one(j);
   }
 }
 
@@ -349,7 +341,6 @@ inline float lerp(float a, float b, float w) {
 inline int64_t search_left(const float* levels, int64_t n, float t) {
   return std::lower_bound(levels, levels + n, t) - levels;
 }
-
 
 // A running minimum and maximum, and whether every value folded in is finite: `finite_range` of
 // values that arrive in pieces (the blocks of a channel), eight lanes at a time where AVX2 is
