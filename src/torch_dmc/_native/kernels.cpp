@@ -552,21 +552,16 @@ void table_row(float* level, int64_t size, const float* q, int64_t k) {
   int64_t j = 0;
 #ifdef __AVX2__
   // eight at a time, the same operations (levels are finite and non-negative, so min and floor
-  // agree with std::min and std::floor); the two table entries read by scalar loads
+  // agree with std::min and std::floor); the two table entries read by AVX2 gathers (faster here
+  // than scalar loads into a buffer, whose vector reload waits on eight stores)
   const __m256 vlast = _mm256_set1_ps(last), vscale = _mm256_set1_ps(scale);
   const __m256 vhalf = _mm256_set1_ps(0.5f), vone = _mm256_set1_ps(1.0f);
   const __m256 vabs = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  alignas(32) int32_t index[8];
-  alignas(32) float below[8], above[8];
   for (; j + 8 <= size; j += 8) {
     const __m256 pos = _mm256_mul_ps(_mm256_loadu_ps(level + j), vscale);
     const __m256 node = _mm256_min_ps(_mm256_floor_ps(pos), vlast);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(index), _mm256_cvttps_epi32(node));
-    for (int l = 0; l < 8; ++l) {
-      below[l] = q[index[l]];
-      above[l] = q[index[l] + 1];
-    }
-    const __m256 a = _mm256_load_ps(below), b = _mm256_load_ps(above);
+    const __m256i index = _mm256_cvttps_epi32(node);
+    const __m256 a = _mm256_i32gather_ps(q, index, 4), b = _mm256_i32gather_ps(q + 1, index, 4);
     const __m256 w = _mm256_sub_ps(pos, node), d = _mm256_sub_ps(b, a);
     const __m256 low = _mm256_cmp_ps(_mm256_and_ps(w, vabs), vhalf, _CMP_LT_OQ);
     __m256 out;
