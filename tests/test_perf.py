@@ -1,8 +1,6 @@
-"""`dmc perf`'s measurement helpers: interleaved ratios and the Markdown report."""
+"""`dmc perf`'s measurement helpers: paired, interleaved ratios and the Markdown report."""
 
 from __future__ import annotations
-
-import itertools
 
 import torch_dmc.bench.perf as perf
 from torch_dmc.bench.perf import METHODS, render, time_ratios
@@ -19,28 +17,30 @@ class _FakeClock:
         return self.now
 
 
-def test_time_ratios_interleaved_and_exact(monkeypatch):
+def test_time_ratios_pairs_each_contender_with_its_own_plain_call(monkeypatch):
+    """Each ratio comes from two adjacent calls (plain first, then second, in turn): a machine
+    whose speed drifts from one pair of calls to the next still gives the exact ratios, which a
+    single plain call per repetition would not."""
     clock = _FakeClock()
     monkeypatch.setattr(perf, "time", clock)
     order = []
-    plain_times = itertools.cycle([1.0, 2.0])
+    warmup_calls = 3  # the plain call and each contender once
 
-    def plain():
-        order.append("plain")
-        clock.now += next(plain_times)
+    def timed(name, nominal):
+        def f():
+            pair = max(len(order) - warmup_calls, 0) // 2
+            order.append(name)
+            clock.now += nominal * (1 + pair)  # the machine slows down with every pair
+        return f
 
-    def twice():  # always 2× the plain call it follows
-        order.append("twice")
-        clock.now += 2 * (1.0 if order.count("plain") % 2 else 2.0)
-
-    def slow():
-        order.append("slow")
-        clock.now += 3.0
-
-    out = time_ratios(plain, {"twice": twice, "slow": slow}, repeats=4, warmup=1)
-    assert order[:3] == ["plain", "twice", "slow"] and order.count("plain") == 5
-    assert out["twice"] == {"median": 2.0, "min": 2.0, "max": 2.0, "plain_ms": 1500.0}
-    assert out["slow"]["min"] == 1.5 and out["slow"]["max"] == 3.0
+    out = time_ratios(timed("plain", 1.0), {"twice": timed("twice", 2.0), "slow": timed("slow", 3.0)},
+                      repeats=4, warmup=1)
+    assert order[:3] == ["plain", "twice", "slow"]
+    assert order[3:7] == ["plain", "twice", "plain", "slow"]
+    assert order[7:11] == ["twice", "plain", "slow", "plain"]
+    assert len(order) == 3 + 4 * 4
+    assert out["twice"] == {"median": 2.0, "min": 2.0, "max": 2.0, "plain_ms": 4500.0}
+    assert out["slow"] == {"median": 3.0, "min": 3.0, "max": 3.0, "plain_ms": 4500.0}
 
 
 def _ratio(r):

@@ -2,9 +2,9 @@
 
 How and what it measures: docs/protocol.md § Speed and memory.
 
-Every ratio is measured side by side in one process: the plain forward of the same model on the
-same batch and each method's forward run in interleaved repetitions; the median ratio is reported
-with its min–max over repetitions. Memory is the peak RSS of separate child processes (a plain pass
+Every ratio is measured side by side in one process: each method's forward timed right beside a
+plain forward of the same model on the same batch, in interleaved repetitions; the median ratio is
+reported with its min–max over repetitions. Memory is the peak RSS of separate child processes (a plain pass
 and a fit over the same images, and a fit over 4× the images) and the bytes of the statistics.
 """
 
@@ -55,29 +55,39 @@ def machine_info() -> dict:
 
 def time_ratios(plain: Callable[[], object], contenders: dict[str, Callable[[], object]],
                 repeats: int = 7, warmup: int = 2) -> dict[str, dict[str, float]]:
-    """Median (min, max) of ``time(contender) / time(plain)`` over interleaved repetitions.
+    """Median (min, max) of ``time(contender) / time(plain)`` over repetitions, each ratio taken
+    from a pair of adjacent calls.
 
-    Each repetition times the plain call and then every contender once, so slow drifts of a shared
-    machine hit all of them alike.
+    Each repetition times every contender right beside a plain call of its own: the plain call
+    first in even repetitions, second in odd ones. A shared machine's drift over a repetition (which
+    can last seconds when a contender is slow), and what the previous call left in the caches, then
+    hit both sides of each ratio alike.
 
     Returns:
-        ``{name: {"median": r, "min": r, "max": r, "plain_ms": t}}``.
+        ``{name: {"median": r, "min": r, "max": r, "plain_ms": t}}``, ``t`` the median time of
+        every timed plain call.
     """
+    def timed(f: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
     for _ in range(warmup):
         plain()
         for f in contenders.values():
             f()
     ratios: dict[str, list[float]] = {k: [] for k in contenders}
     plain_times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        plain()
-        base = time.perf_counter() - t0
-        plain_times.append(base)
+    for i in range(repeats):
         for name, f in contenders.items():
-            t0 = time.perf_counter()
-            f()
-            ratios[name].append((time.perf_counter() - t0) / base)
+            if i % 2 == 0:
+                base = timed(plain)
+                took = timed(f)
+            else:
+                took = timed(f)
+                base = timed(plain)
+            plain_times.append(base)
+            ratios[name].append(took / base)
     plain_ms = statistics.median(plain_times) * 1000
     return {k: {"median": statistics.median(v), "min": min(v), "max": max(v), "plain_ms": plain_ms}
             for k, v in ratios.items()}
@@ -254,7 +264,8 @@ def render(results: dict) -> str:
     cases = [(k, v) for k, v in results["forward"].items()]
     header = "| model | batch | plain (ms) | " + " | ".join(METHODS) + " |"
     lines += ["Forward time relative to the plain forward (median, min–max over interleaved "
-              "repetitions):", "", header, "|---|---:|---:|" + "---:|" * len(METHODS)]
+              "repetitions, each call timed beside a plain forward of its own):", "", header,
+              "|---|---:|---:|" + "---:|" * len(METHODS)]
     for model_name, case in cases:
         for key, ratios in case.items():
             if not key.startswith("batch "):
