@@ -231,6 +231,14 @@ def test_only_cpu_float32_tensors_without_gradients_take_them():
         assert not native.available_for(torch.zeros(2))
 
 
+def test_compile_flags_never_contract_and_use_avx2_only_where_the_cpu_has_it(monkeypatch):
+    for capability, vector in (("AVX512", True), ("AVX2", True), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        flags = native.compile_flags()
+        assert "-ffp-contract=off" in flags and "-O3" in flags and "-fopenmp" in flags
+        assert ("-mavx2" in flags) == vector and ("-mfma" in flags) == vector
+
+
 def test_the_probe_says_how_addcmul_rounds_here():
     fused = native._fused_multiply_add()
     assert fused in (True, False)

@@ -51,14 +51,20 @@ def _fused_multiply_add() -> bool | None:
     return None
 
 
+def compile_flags() -> list[str]:
+    """The C++ compiler flags of the kernels on this machine: optimised, no contraction into fused
+    multiply-adds (the results repeat PyTorch's rounding), OpenMP, and AVX2 where the CPU has it."""
+    flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
 def _build():
     """Compile (unless already compiled) and load the kernels; their ``torch.ops`` namespace."""
     from torch.utils.cpp_extension import get_default_build_root, load
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp"]
-    if capability in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
+    flags = compile_flags()
     key = SOURCE.read_bytes() + " ".join([torch.__version__, sys.version, *flags]).encode()
     name = f"torch_dmc_kernels_{hashlib.sha256(key).hexdigest()[:12]}"
     directory = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
