@@ -4,8 +4,9 @@ How and what it measures: docs/protocol.md § Speed and memory.
 
 Every ratio is measured side by side in one process: each method's forward timed right beside a
 plain forward of the same model on the same batch, in interleaved repetitions; the median ratio is
-reported with its min–max over repetitions. Memory is the peak RSS of separate child processes (a plain pass
-and a fit over the same images, and a fit over 4× the images) and the bytes of the statistics.
+reported with its min–max over repetitions. Memory is the peak RSS of separate child processes (a
+plain pass and a fit over the same images, and a fit over 4× the images) and the bytes of the
+statistics.
 """
 
 from __future__ import annotations
