@@ -28,12 +28,10 @@ import time
 from pathlib import Path
 
 import torch
+from kernels_speed import _efficientnet, _resnet  # this folder's: the same models, stats and batches
 
-from torch_dmc import fit, native
-from torch_dmc.bench.perf import _load_model, _sample_photos
-from torch_dmc.data.arrays import batches, to_tensor
+from torch_dmc import native
 from torch_dmc.data.fashion_mnist import load_fashion_mnist
-from torch_dmc.methods import build
 
 NAMESPACE = "torch_dmc_base"
 
@@ -61,22 +59,24 @@ def _base_kernels(rev: str):
 
 def _compare(label: str, model: torch.nn.Module, corrected: torch.nn.Module, x: torch.Tensor,
              kernels: dict, repeats: int) -> str:
-    def forward(ops=None):
-        if ops is not None:
-            native._state["ops"] = ops  # the kernels `torch_dmc.native` calls from now on
-        with torch.no_grad():
-            return corrected(x) if ops is not None else model(x)
+    def with_kernels(name: str):
+        def run():
+            native._state["ops"] = kernels[name]  # the kernels `torch_dmc.native` calls from now on
+            return corrected(x)
+        return run
 
+    calls = {"plain": lambda: model(x), "base": with_kernels("base"), "new": with_kernels("new")}
     own = native._state["ops"]
     try:
-        same = torch.equal(forward(kernels["base"]), forward(kernels["new"]))
-        times: dict[str, list[float]] = {"plain": [], "base": [], "new": []}
-        for i in range(repeats):
-            order = ["plain", "base", "new"] if i % 2 == 0 else ["plain", "new", "base"]
-            for name in order:
-                t0 = time.perf_counter()
-                forward(kernels.get(name))
-                times[name].append(time.perf_counter() - t0)
+        with torch.no_grad():
+            same = torch.equal(calls["base"](), calls["new"]())
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            for i in range(repeats):
+                order = ["plain", "base", "new"] if i % 2 == 0 else ["plain", "new", "base"]
+                for name in order:
+                    t0 = time.perf_counter()
+                    calls[name]()
+                    times[name].append(time.perf_counter() - t0)
     finally:
         native._state["ops"] = own
     ratio = [n / b for n, b in zip(times["new"], times["base"], strict=True)]
@@ -102,18 +102,9 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); kernels of the "
           f"working tree against {args.base}'s")
 
-    from torch_dmc.models.efficientnet import load_efficientnet_lite0
-
-    net = load_efficientnet_lite0()
-    stats = fit(net, _sample_photos(8 * 16).split(16), progress=False)
-    print(_compare("efficientnet-lite0 B=16", net, build("dmc", net, stats),
-                   _sample_photos(16, seed=1), kernels, args.repeats), flush=True)
-
-    data = load_fashion_mnist()
-    resnet = _load_model(None)
-    stats = fit(resnet, batches(to_tensor(data.x_train[:2000]), None, 200), progress=False)
-    print(_compare("fmnist-resnet B=16", resnet, build("dmc", resnet, stats),
-                   to_tensor(data.x_test[:16]), kernels, args.repeats))
+    print(_compare("efficientnet-lite0 B=16", *_efficientnet(), kernels, args.repeats), flush=True)
+    model, corrected, test = _resnet(load_fashion_mnist())
+    print(_compare("fmnist-resnet B=16", model, corrected, test[:16], kernels, args.repeats))
     return 0
 
 

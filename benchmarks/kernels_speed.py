@@ -102,6 +102,14 @@ def _efficientnet() -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     return model, build("dmc", model, stats), _sample_photos(16, seed=1)
 
 
+def _resnet(data) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """The shipped Fashion-MNIST ResNet, its default corrected forward (stats of the first 2,000
+    training images) and the clean test images."""
+    model = _load_model(None)
+    stats = fit(model, batches(to_tensor(data.x_train[:2000]), None, 200), progress=False)
+    return model, build("dmc", model, stats), to_tensor(data.x_test)
+
+
 def _profile_fit(x: torch.Tensor) -> int:
     from torch.profiler import ProfilerActivity, profile
 
@@ -160,10 +168,7 @@ def main() -> int:
             print(line, flush=True)
     if args.skip_forward:
         return 0
-    model = _load_model(None)
-    stats = fit(model, batches(to_tensor(data.x_train[:2000]), None, 200), progress=False)
-    corrected = build("dmc", model, stats)
-    test = to_tensor(data.x_test)
+    model, corrected, test = _resnet(data)
     for b in (200, 16):
         print(_line(f"fmnist-resnet B={b}", model, corrected, test[:b], args.repeats), flush=True)
     if not args.skip_efficientnet:

@@ -342,9 +342,8 @@ inline int64_t search_left(const float* levels, int64_t n, float t) {
   return std::lower_bound(levels, levels + n, t) - levels;
 }
 
-// A running minimum and maximum, and whether every value folded in is finite: `finite_range` of
-// values that arrive in pieces (the blocks of a channel), eight lanes at a time where AVX2 is
-// compiled in.
+// A running minimum and maximum, and whether every value folded in is finite, of values that
+// arrive in pieces (the blocks of a channel), eight lanes at a time where AVX2 is compiled in.
 class RunningRange {
  public:
   // Folds in n values in[j * stride], times a plus b where kAffine (transport.affine_values:
